@@ -1,0 +1,332 @@
+"""``RDrop``: wrap any model so that a training call returns the R-Drop loss."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from rdrop._batch import LogitsGetter, extract_logits, find_batch_size, repeat_batch
+from rdrop._dropout import active_dropout_modules, dropout_rate, training_batchnorm_modules
+from rdrop.functional import ConsistencyKind
+from rdrop.losses import BuiltinTask, RDropLoss, RDropOutput, TaskLoss, _validate_alpha
+
+__all__ = ["RDrop", "RDropWarning"]
+
+Mode = Literal["concat", "sequential"]
+
+
+class RDropWarning(UserWarning):
+    """A setting that makes R-Drop do nothing or something other than intended."""
+
+
+class RDrop(nn.Module):
+    """Add R-Drop to any model: one forward on ``[x; x]``, task loss + consistency term.
+
+    In training mode, ``wrapped(*args, target=y, **kwargs)`` concatenates ``num_passes``
+    copies of every batched tensor in the inputs (nested tuples, lists, dicts and mappings
+    such as a tokenizer's ``BatchEncoding``), runs the model **once** on the doubled batch
+    (the paper's way, and the one that is safe under DDP), splits the output and returns an
+    :class:`RDropOutput` with::
+
+        loss = 1/2 (task(P_1) + task(P_2)) + (alpha / 2) * D(P_1, P_2)
+
+    In eval mode it is the bare model: a single pass whose output is returned unchanged
+    (with ``target=`` given, an :class:`RDropOutput` holding the task loss of that single
+    pass). The caller's inputs are never mutated. The batch dimension is dim 0 of inputs
+    and outputs; a tensor is treated as batched when its first dimension equals the
+    target's (or, without a target, the first input tensor's).
+
+    Example:
+        >>> import torch, rdrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
+        ...                           torch.nn.Dropout(0.3), torch.nn.Linear(32, 3))
+        >>> model = rdrop.RDrop(net, alpha=1.0)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        >>> out = model(x, target=y)            # one forward on [x; x]
+        >>> out.loss.backward(); opt.step()
+        >>> out.logits.shape                    # first pass's logits
+        torch.Size([16, 3])
+        >>> _ = model.eval(); model(x).shape    # inference: the bare model, one pass
+        torch.Size([16, 3])
+
+    Args:
+        model: any ``nn.Module`` with dropout.
+        alpha: consistency weight ``>= 0`` (the paper's alpha; default 1.0, or the
+            ``loss``'s alpha), or a callable ``step -> alpha`` (e.g.
+            :func:`rdrop.linear_warmup`); ``step`` counts training calls from 0 and is
+            saved in the state dict.
+        task, consistency, ignore_index, label_smoothing, check_finite: see
+            :func:`rdrop.rdrop_loss`; or pass a ready ``loss=RDropLoss(...)`` instead.
+        num_passes: ``m >= 2`` dropout passes per step (the consistency term averages all
+            pairs, see :func:`rdrop.multi_pass_consistency`).
+        every_k_steps: apply the consistency term on every ``k``-th training call only
+            (steps 0, k, 2k, ...); other steps are a plain single pass (the paper's
+            "R-Drop every k steps" ablation).
+        mode: ``"concat"`` (default: one forward on the concatenated batch) or
+            ``"sequential"`` (``m`` separate forwards, for models whose doubled batch does
+            not fit or cannot be taken; not DDP-safe with ``find_unused_parameters``).
+        dropout_rates: one dropout probability per pass, applied to every dropout module
+            for that pass (the paper's unequal-rates ablation); needs ``mode="sequential"``.
+        stop_gradient: run passes 2..m under ``torch.no_grad()`` and use them only as the
+            consistency target; the task loss is pass 1's. Cheaper (no backward through
+            the extra passes). **Not in the paper.**
+        logits_key: where the logits are in the model output: ``None`` (auto: a tensor,
+            ``output["logits"]``, ``output.logits`` or ``output[0]``), a key or attribute
+            name, a tuple index, or a callable.
+        warn: emit :class:`RDropWarning` for settings that defeat R-Drop (no active
+            dropout, the inner model left in eval mode, BatchNorm on the duplicated batch).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        alpha: float | Callable[[int], float] | None = None,
+        *,
+        task: BuiltinTask | TaskLoss = "cross_entropy",
+        consistency: ConsistencyKind | None = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        loss: RDropLoss | None = None,
+        num_passes: int = 2,
+        every_k_steps: int = 1,
+        mode: Mode = "concat",
+        dropout_rates: tuple[float, ...] | list[float] | None = None,
+        stop_gradient: bool = False,
+        logits_key: LogitsGetter = None,
+        check_finite: bool = True,
+        warn: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.alpha_schedule: Callable[[int], float] | None = alpha if callable(alpha) else None
+        self.alpha_value: float | None = (
+            None if alpha is None or callable(alpha) else _validate_alpha(alpha)
+        )
+        for name, value in (("num_passes", num_passes), ("every_k_steps", every_k_steps)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if num_passes < 2:
+            raise ValueError(f"num_passes must be >= 2 (m >= 2 dropout passes), got {num_passes}")
+        if every_k_steps < 1:
+            raise ValueError(f"every_k_steps must be >= 1, got {every_k_steps}")
+        if mode not in ("concat", "sequential"):
+            raise ValueError(f"mode must be 'concat' or 'sequential', got {mode!r}")
+        if dropout_rates is not None:
+            rates = tuple(float(p) for p in dropout_rates)
+            if mode != "sequential":
+                raise ValueError(
+                    "dropout_rates needs mode='sequential': in one forward on [x; x] every "
+                    "dropout module has a single rate"
+                )
+            if len(rates) != num_passes:
+                raise ValueError(
+                    f"dropout_rates must give one rate per pass ({num_passes}), got {len(rates)}"
+                )
+            for p in rates:
+                if not 0.0 <= p < 1.0:
+                    raise ValueError(f"dropout_rates must lie in [0, 1), got {rates}")
+            self.dropout_rates: tuple[float, ...] | None = rates
+        else:
+            self.dropout_rates = None
+        if loss is not None and not isinstance(loss, RDropLoss):
+            raise TypeError(f"loss must be an rdrop.RDropLoss, got {type(loss).__name__}")
+        self.model = model
+        self.criterion = loss or RDropLoss(
+            1.0 if self.alpha_value is None else self.alpha_value,
+            task=task,
+            consistency=consistency,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            check_finite=check_finite,
+        )
+        self.num_passes = num_passes
+        self.every_k_steps = every_k_steps
+        self.mode: Mode = mode
+        self.stop_gradient = stop_gradient
+        self.logits_key = logits_key
+        self.warn = warn
+        self.step = 0
+        self._warned: set[str] = set()
+
+    # -- state ---------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict) and isinstance(state.get("step"), int):
+            self.step = state["step"]
+
+    def current_alpha(self) -> float:
+        """Alpha for the next training call (after the schedule, if any)."""
+        if self.alpha_schedule is None:
+            return self.criterion.alpha if self.alpha_value is None else self.alpha_value
+        value = self.alpha_schedule(self.step)
+        try:
+            return _validate_alpha(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"alpha schedule returned {value!r} at step {self.step}: {error}") from None
+
+    def applies_consistency(self, step: int | None = None) -> bool:
+        """Whether the consistency term is used at ``step`` (default: the next call)."""
+        step = self.step if step is None else step
+        return step % self.every_k_steps == 0
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, *args: Any, target: Tensor | None = None, **kwargs: Any) -> Any:
+        if not self.training:
+            output = self.model(*args, **kwargs)
+            if target is None:
+                return output
+            logits = extract_logits(output, self.logits_key)
+            value = self.criterion.task_only(logits, target)
+            return RDropOutput(value, value, value.new_zeros(()), 0.0, logits, output)
+        if target is None:
+            raise ValueError(
+                "target is required in training mode: call wrapped(*inputs, target=labels); "
+                "for an unlabeled batch use wrapped.unlabeled(*inputs) (consistency term only)"
+            )
+        return self._train_step(args, kwargs, target)
+
+    def unlabeled(self, *args: Any, **kwargs: Any) -> RDropOutput:
+        """Semi-supervised step on an unlabeled batch: ``loss = (alpha / 2) * D`` only."""
+        if not self.training:
+            raise RuntimeError("unlabeled() is a training step; the wrapper is in eval mode")
+        return self._train_step(args, kwargs, None)
+
+    def _train_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None) -> RDropOutput:
+        if self.warn:
+            self._warn_about_setup()
+        alpha = self.current_alpha()
+        step = self.step
+        self.step += 1
+        if not self.applies_consistency(step):
+            output = self.model(*args, **kwargs)
+            logits = extract_logits(output, self.logits_key)
+            if target is None:
+                zero = logits.float().sum() * 0.0
+                return RDropOutput(zero, zero, zero, alpha, logits, output)
+            value = self.criterion.task_only(logits, target)
+            return RDropOutput(value, value, value.new_zeros(()), alpha, logits, output)
+
+        if self.mode == "concat" and not self.stop_gradient:
+            passes, output = self._concat_passes(args, kwargs, target)
+        else:
+            passes, output = self._sequential_passes(args, kwargs)
+        result = self.criterion.multi_pass(
+            passes, target, alpha=alpha, task_passes=1 if self.stop_gradient else None
+        )
+        result.logits = passes[0]
+        result.outputs = output
+        return result
+
+    def _concat_passes(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None
+    ) -> tuple[list[Tensor], Any]:
+        m = self.num_passes
+        batch_size = target.shape[0] if target is not None and target.ndim > 0 else None
+        if batch_size is None:
+            batch_size = find_batch_size((args, kwargs))
+        if batch_size is None:
+            raise ValueError(
+                "could not find the batch size: no tensor with a batch dimension in the "
+                "inputs or the target"
+            )
+        doubled_args = repeat_batch(args, batch_size, m)
+        doubled_kwargs = repeat_batch(kwargs, batch_size, m)
+        try:
+            output = self.model(*doubled_args, **doubled_kwargs)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"the model failed on the concatenated batch of {m} x {batch_size} rows "
+                f"({type(error).__name__}: {error}). If it cannot take a batch larger than "
+                f"{batch_size} (e.g. buffers of a fixed batch size), use "
+                "RDrop(..., mode='sequential')"
+            ) from error
+        logits = extract_logits(output, self.logits_key)
+        if logits.ndim == 0 or logits.shape[0] != m * batch_size:
+            raise ValueError(
+                f"the model output has shape {tuple(logits.shape)} on an input batch of "
+                f"{m} x {batch_size} rows; R-Drop expects the batch in dim 0 of the output "
+                f"({m * batch_size}). For sequence-first models use batch_first=True, or "
+                "select the logits with logits_key="
+            )
+        return list(logits.split(batch_size, dim=0)), output
+
+    def _sequential_passes(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[Tensor], Any]:
+        passes: list[Tensor] = []
+        first_output: Any = None
+        for i in range(self.num_passes):
+            rate = (
+                dropout_rate(self.model, self.dropout_rates[i])
+                if self.dropout_rates is not None
+                else nullcontext()
+            )
+            grad = torch.no_grad() if self.stop_gradient and i > 0 else nullcontext()
+            with rate, grad:
+                output = self.model(*args, **kwargs)
+            logits = extract_logits(output, self.logits_key)
+            if passes and logits.shape != passes[0].shape:
+                raise ValueError(
+                    f"pass {i} returned logits of shape {tuple(logits.shape)}, pass 0 "
+                    f"{tuple(passes[0].shape)}: the passes must agree"
+                )
+            passes.append(logits)
+            if i == 0:
+                first_output = output
+        return passes, first_output
+
+    # -- warnings ------------------------------------------------------------------------
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RDropWarning, stacklevel=4)
+
+    def _warn_about_setup(self) -> None:
+        if not self.model.training:
+            self._warn_once(
+                "eval",
+                "RDrop is in training mode but the wrapped model is in eval mode, so dropout "
+                "is off and the consistency term is ~0; call .train() on the RDrop wrapper "
+                "(it sets the model's mode), not on an inner module",
+            )
+        elif "dropout" not in self._warned and not active_dropout_modules(self.model):
+            rates = self.dropout_rates
+            if rates is None or not any(rates):
+                self._warn_once(
+                    "dropout",
+                    "the model has no active dropout module (nn.Dropout with p > 0): both "
+                    "passes are identical, the consistency term is 0 and R-Drop does nothing. "
+                    "Enable dropout (e.g. hidden_dropout_prob in a Hugging Face config); if "
+                    "the model uses functional F.dropout, pass warn=False",
+                )
+        if self.mode == "concat" and "batchnorm" not in self._warned:
+            names = training_batchnorm_modules(self.model)
+            if names:
+                self._warn_once(
+                    "batchnorm",
+                    f"BatchNorm layers in training mode ({', '.join(names[:3])}"
+                    f"{', ...' if len(names) > 3 else ''}) see the duplicated batch [x; x]: "
+                    "their statistics are shared by both passes, so they add no difference "
+                    "between passes. This is usually fine; use mode='sequential' for "
+                    "per-pass statistics (running stats then update once per pass)",
+                )
+
+    def extra_repr(self) -> str:
+        alpha = self.alpha_schedule if self.alpha_schedule is not None else self.current_alpha()
+        parts = [f"alpha={alpha}", f"num_passes={self.num_passes}", f"mode={self.mode!r}"]
+        if self.every_k_steps != 1:
+            parts.append(f"every_k_steps={self.every_k_steps}")
+        if self.dropout_rates is not None:
+            parts.append(f"dropout_rates={self.dropout_rates}")
+        if self.stop_gradient:
+            parts.append("stop_gradient=True")
+        return ", ".join(parts)
