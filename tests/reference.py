@@ -29,8 +29,9 @@ def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return 0.5 * (kl(la, lb) + kl(lb, la))
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-                  smoothing: float = 0.0) -> float:
+def cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, smoothing: float = 0.0
+) -> float:
     lp = log_softmax(_np(logits)).reshape(-1, logits.shape[-1])
     t = target.reshape(-1).numpy()
     keep = t != ignore_index
@@ -42,8 +43,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     return float(((1 - smoothing) * nll + smoothing * smooth).mean())
 
 
-def paper_eq4(logits_1: torch.Tensor, logits_2: torch.Tensor, target: torch.Tensor,
-              alpha: float) -> float:
+def paper_eq4(
+    logits_1: torch.Tensor, logits_2: torch.Tensor, target: torch.Tensor, alpha: float
+) -> float:
     """Eq. 4: NLL(P1) + NLL(P2) + alpha/2 [KL(P1||P2) + KL(P2||P1)], means over items."""
     nll = cross_entropy(logits_1, target) + cross_entropy(logits_2, target)
     la = log_softmax(_np(logits_1)).reshape(-1, logits_1.shape[-1])

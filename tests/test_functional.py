@@ -43,8 +43,13 @@ def test_symmetric_kl_matches_reference(impl: str, shape: tuple[int, ...]) -> No
     seed=st.integers(0, 2**16),
     impl=st.sampled_from(IMPLEMENTATIONS),
 )
-def test_symmetric_kl_properties(rows: int, classes: int, scale: float, seed: int, impl: str) -> None:
-    a, b = _logits(rows, classes, seed=seed, scale=scale), _logits(rows, classes, seed=seed + 1, scale=scale)
+def test_symmetric_kl_properties(
+    rows: int, classes: int, scale: float, seed: int, impl: str
+) -> None:
+    a, b = (
+        _logits(rows, classes, seed=seed, scale=scale),
+        _logits(rows, classes, seed=seed + 1, scale=scale),
+    )
     ab = rdrop.symmetric_kl(a, b, reduction="none", implementation=impl)
     ba = rdrop.symmetric_kl(b, a, reduction="none", implementation=impl)
     torch.testing.assert_close(ab, ba)  # symmetric
@@ -103,7 +108,10 @@ def test_shared_neg_inf_logits_are_finite_and_ignored(impl: str) -> None:
     assert bool(torch.isfinite(a.grad).all()) and bool(torch.isfinite(b.grad).all())
     assert bool((a.grad[banned] == 0).all())
     # the same as dropping those classes
-    rows = [rdrop.symmetric_kl(a[i][~banned[i]], b[i][~banned[i]], implementation=impl) for i in range(4)]
+    rows = [
+        rdrop.symmetric_kl(a[i][~banned[i]], b[i][~banned[i]], implementation=impl)
+        for i in range(4)
+    ]
     assert value.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
 
 
@@ -136,7 +144,9 @@ def test_gradcheck_float64(impl: str) -> None:
             lambda x, y, m=m: rdrop.symmetric_kl(x, y, mask=m, implementation=impl), (a, b)
         )
         assert torch.autograd.gradcheck(
-            lambda x, y, m=m: rdrop.symmetric_kl(x, y, mask=m, reduction="none", implementation=impl),
+            lambda x, y, m=m: rdrop.symmetric_kl(
+                x, y, mask=m, reduction="none", implementation=impl
+            ),
             (a, b),
         )
 
@@ -174,7 +184,9 @@ def test_auto_picks_chunked_for_large_inputs_and_agrees() -> None:
 def test_bernoulli_kl_matches_definition() -> None:
     a, b = _logits(5, 4, seed=23, scale=2.0), _logits(5, 4, seed=24, scale=2.0)
     got = rdrop.symmetric_bernoulli_kl(a, b, reduction="none")
-    np.testing.assert_allclose(got.numpy(), reference.bernoulli_symmetric_kl(a, b), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        got.numpy(), reference.bernoulli_symmetric_kl(a, b), rtol=1e-5, atol=1e-7
+    )
     assert rdrop.symmetric_bernoulli_kl(a, b).item() == pytest.approx(got.mean().item())
     assert rdrop.symmetric_bernoulli_kl(a, a).item() == 0.0
     row_mask = torch.tensor([True, False, True, True, False])
@@ -192,7 +204,9 @@ def test_bernoulli_kl_matches_definition() -> None:
 def test_mse_consistency() -> None:
     a, b = _logits(6, 3, seed=25), _logits(6, 3, seed=26)
     want = ((a.double() - b.double()) ** 2).mean(dim=-1)
-    torch.testing.assert_close(rdrop.mse_consistency(a, b, reduction="none").double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        rdrop.mse_consistency(a, b, reduction="none").double(), want, rtol=1e-6, atol=1e-6
+    )
     flat_a, flat_b = a[:, 0], b[:, 0]
     assert rdrop.mse_consistency(flat_a, flat_b).item() == pytest.approx(
         ((flat_a - flat_b) ** 2).mean().item(), rel=1e-6
@@ -220,8 +234,12 @@ def test_consistency_dispatch_and_module() -> None:
     a, b = _logits(3, 4, seed=40), _logits(3, 4, seed=41)
     assert rdrop.consistency("kl", a, b).item() == rdrop.symmetric_kl(a, b).item()
     assert rdrop.consistency("mse", a, b).item() == rdrop.mse_consistency(a, b).item()
-    assert rdrop.consistency("bernoulli_kl", a, b).item() == rdrop.symmetric_bernoulli_kl(a, b).item()
-    assert rdrop.ConsistencyLoss("kl")(a, b).item() == pytest.approx(rdrop.symmetric_kl(a, b).item())
+    assert (
+        rdrop.consistency("bernoulli_kl", a, b).item() == rdrop.symmetric_bernoulli_kl(a, b).item()
+    )
+    assert rdrop.ConsistencyLoss("kl")(a, b).item() == pytest.approx(
+        rdrop.symmetric_kl(a, b).item()
+    )
     with pytest.raises(ValueError, match="kind"):
         rdrop.ConsistencyLoss("js")  # type: ignore[arg-type]
 
@@ -235,16 +253,62 @@ def test_compiles() -> None:
 @pytest.mark.parametrize(
     ("call", "error", "pattern"),
     [
-        (lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 4)), ValueError, r"same shape.*\(2, 3\).*\(2, 4\)"),
-        (lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)), TypeError, "same dtype"),
-        (lambda: rdrop.symmetric_kl(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)), TypeError, "floating-point"),
-        (lambda: rdrop.symmetric_kl(torch.zeros(2, 3), [0.0]), TypeError, "logits_b must be a torch.Tensor"),
-        (lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3), mask=torch.ones(3, dtype=torch.bool)), ValueError, r"mask must have the item shape \(2,\)"),
-        (lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3), mask=torch.ones(2)), TypeError, "torch.bool"),
-        (lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3), reduction="avg"), ValueError, "reduction"),
-        (lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3), implementation="fast"), ValueError, "implementation"),
-        (lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3), implementation="chunked", chunk_size=0), ValueError, "chunk_size"),
-        (lambda: rdrop.mse_consistency(torch.zeros(2), torch.zeros(3)), ValueError, "pred_a and pred_b"),
+        (
+            lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 4)),
+            ValueError,
+            r"same shape.*\(2, 3\).*\(2, 4\)",
+        ),
+        (
+            lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)),
+            TypeError,
+            "same dtype",
+        ),
+        (
+            lambda: rdrop.symmetric_kl(
+                torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)
+            ),
+            TypeError,
+            "floating-point",
+        ),
+        (
+            lambda: rdrop.symmetric_kl(torch.zeros(2, 3), [0.0]),
+            TypeError,
+            "logits_b must be a torch.Tensor",
+        ),
+        (
+            lambda: rdrop.symmetric_kl(
+                torch.zeros(2, 3), torch.zeros(2, 3), mask=torch.ones(3, dtype=torch.bool)
+            ),
+            ValueError,
+            r"mask must have the item shape \(2,\)",
+        ),
+        (
+            lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3), mask=torch.ones(2)),
+            TypeError,
+            "torch.bool",
+        ),
+        (
+            lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3), reduction="avg"),
+            ValueError,
+            "reduction",
+        ),
+        (
+            lambda: rdrop.symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3), implementation="fast"),
+            ValueError,
+            "implementation",
+        ),
+        (
+            lambda: rdrop.symmetric_kl(
+                torch.zeros(2, 3), torch.zeros(2, 3), implementation="chunked", chunk_size=0
+            ),
+            ValueError,
+            "chunk_size",
+        ),
+        (
+            lambda: rdrop.mse_consistency(torch.zeros(2), torch.zeros(3)),
+            ValueError,
+            "pred_a and pred_b",
+        ),
         (lambda: rdrop.multi_pass_consistency([torch.zeros(2, 3)]), ValueError, "m >= 2"),
         (lambda: rdrop.multi_pass_consistency(torch.zeros(2, 2, 3)), TypeError, "sequence"),
         (lambda: rdrop.consistency("js", torch.zeros(1, 2), torch.zeros(1, 2)), ValueError, "kind"),  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["repeat_batch", "find_batch_size", "LogitsGetter", "extract_logits"]
+__all__ = ["LogitsGetter", "extract_logits", "find_batch_size", "repeat_batch"]
 
 LogitsGetter = str | int | Callable[[Any], Tensor] | None
 
@@ -117,8 +117,7 @@ def extract_logits(output: Any, getter: LogitsGetter) -> Tensor:
             )
     else:
         raise TypeError(
-            "logits_key must be None, a str, an int or a callable, "
-            f"got {type(getter).__name__}"
+            f"logits_key must be None, a str, an int or a callable, got {type(getter).__name__}"
         )
     if not isinstance(found, Tensor):
         raise ValueError(

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-__all__ = ["active_dropout_modules", "training_batchnorm_modules", "dropout_rate"]
+__all__ = ["active_dropout_modules", "dropout_rate", "training_batchnorm_modules"]
 
 
 def active_dropout_modules(model: nn.Module) -> list[str]:
@@ -23,9 +23,9 @@ def active_dropout_modules(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if not module.training:
             continue
-        if isinstance(module, _DropoutNd) and module.p > 0:
-            found.append(name or type(module).__name__)
-        elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+        if (isinstance(module, _DropoutNd) and module.p > 0) or (
+            isinstance(module, nn.MultiheadAttention) and module.dropout > 0
+        ):
             found.append(name or type(module).__name__)
     return found
 

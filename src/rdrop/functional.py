@@ -29,15 +29,15 @@ from torch import Tensor
 from rdrop._kl_kernel import chunked_symmetric_kl
 
 __all__ = [
-    "Reduction",
     "ConsistencyKind",
     "KLImplementation",
+    "Reduction",
+    "consistency",
+    "mse_consistency",
+    "multi_pass_consistency",
+    "symmetric_bernoulli_kl",
     "symmetric_kl",
     "symmetric_kl_reference",
-    "symmetric_bernoulli_kl",
-    "mse_consistency",
-    "consistency",
-    "multi_pass_consistency",
 ]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -132,7 +132,9 @@ def symmetric_kl_reference(
     log_p = torch.log_softmax(a, dim=-1)
     log_q = torch.log_softmax(b, dim=-1)
     both_impossible = torch.isneginf(log_p) & torch.isneginf(log_q)
-    diff = torch.where(both_impossible, torch.zeros((), dtype=dtype, device=a.device), log_p - log_q)
+    diff = torch.where(
+        both_impossible, torch.zeros((), dtype=dtype, device=a.device), log_p - log_q
+    )
     per_item = 0.5 * ((log_p.exp() - log_q.exp()) * diff).sum(dim=-1)
     if mask is not None:
         per_item = torch.where(mask, per_item, torch.zeros((), dtype=dtype, device=a.device))

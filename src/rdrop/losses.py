@@ -28,12 +28,12 @@ from rdrop.functional import (
 )
 
 __all__ = [
+    "ConsistencyLoss",
+    "RDropLoss",
     "RDropOutput",
     "TaskLoss",
-    "task_loss",
     "rdrop_loss",
-    "RDropLoss",
-    "ConsistencyLoss",
+    "task_loss",
 ]
 
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
@@ -100,12 +100,15 @@ def _builtin_task_loss(
                 f"target holds class ids outside [0, {num_classes}) (other than "
                 f"ignore_index={ignore_index}): e.g. {target[bad][:5].tolist()}"
             )
-        return F.cross_entropy(
+        total = F.cross_entropy(
             logits.reshape(-1, num_classes).to(dtype),
             target.reshape(-1),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
+            reduction="sum",
         )
+        # Mean over real targets; an all-padding batch gives 0, not NaN.
+        return total / valid.sum().clamp_min(1).to(total.dtype)
     if target.shape != logits.shape:
         # Regression heads often output [B, 1] for [B] targets.
         if logits.shape[-1:] == (1,) and target.shape == logits.shape[:-1]:
@@ -298,7 +301,9 @@ def rdrop_loss(
     else:
         task_value = torch.stack(
             [
-                task_loss(p, target, task, ignore_index=ignore_index, label_smoothing=label_smoothing)
+                task_loss(
+                    p, target, task, ignore_index=ignore_index, label_smoothing=label_smoothing
+                )
                 for p in passes[:task_passes]
             ]
         ).mean()

@@ -86,7 +86,9 @@ def dropout_consistency(
             model.train()
             active = tuple(active_dropout_modules(model))
             for _ in range(repeats):
-                output = model(*repeat_batch(args, batch_size, 2), **repeat_batch(kwargs, batch_size, 2))
+                output = model(
+                    *repeat_batch(args, batch_size, 2), **repeat_batch(kwargs, batch_size, 2)
+                )
                 logits = extract_logits(output, logits_key)
                 first, second = logits.split(batch_size, dim=0)
                 per_item = multi_pass_consistency([first, second], mask, "none", kind=kind)

@@ -171,7 +171,9 @@ class RDrop(nn.Module):
         try:
             return _validate_alpha(value)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"alpha schedule returned {value!r} at step {self.step}: {error}") from None
+            raise ValueError(
+                f"alpha schedule returned {value!r} at step {self.step}: {error}"
+            ) from None
 
     def applies_consistency(self, step: int | None = None) -> bool:
         """Whether the consistency term is used at ``step`` (default: the next call)."""
@@ -200,7 +202,9 @@ class RDrop(nn.Module):
             raise RuntimeError("unlabeled() is a training step; the wrapper is in eval mode")
         return self._train_step(args, kwargs, None)
 
-    def _train_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None) -> RDropOutput:
+    def _train_step(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None
+    ) -> RDropOutput:
         if self.warn:
             self._warn_about_setup()
         alpha = self.current_alpha()
