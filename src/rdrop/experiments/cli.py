@@ -1,0 +1,306 @@
+"""The ``rdrop`` command: run, resume and report R-Drop experiments.
+
+    rdrop demo                                   # baseline vs R-Drop on SST-2, ~10 min
+    rdrop run sst2 --method rdrop --alpha 1.0 --seeds 0 1 2
+    rdrop sweep configs/glue.toml                # a suite file (TOML or YAML)
+    rdrop report runs/glue                       # Markdown report + PNG plots
+    rdrop probe mrpc                             # dropout-consistency diagnostic
+
+Every finished run is saved at once; re-running a command skips finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rdrop.experiments.config import ConfigError, RunConfig, load_suite
+from rdrop.experiments.methods import METHODS
+from rdrop.experiments.store import ResultStore
+from rdrop.experiments.tasks import TASKS, DataError, default_data_dir, get_task
+
+__all__ = ["main", "DEMO_RUNS"]
+
+
+def _demo_runs(seeds: Sequence[int], quick: bool) -> list[RunConfig]:
+    settings: dict[str, Any] = {
+        "epochs": 2.0,
+        "train_size": 320,
+        "validation_size": 300,
+        "batch_size": 16,
+        "evals_per_epoch": 2,
+    }
+    if quick:
+        settings.update(epochs=1.0, train_size=64, validation_size=64)
+    runs = []
+    for seed in seeds:
+        runs.append(RunConfig("sst2", "rdrop", alpha=1.0, seed=seed, paper_alpha=1.0, **settings))
+        runs.append(RunConfig("sst2", "baseline", seed=seed, paper_alpha=1.0, **settings))
+    return runs
+
+
+DEMO_RUNS = _demo_runs((0, 1, 2), quick=False)
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    return "rdrop " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    path = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if not (path / "glue").is_dir():
+        raise DataError(f"--data-dir {path} has no glue/ folder (see ../shared/data/README.md)")
+    return path
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def _finish(results_dir: Path, out: Any) -> None:
+    from rdrop.experiments.report import load_records, summary_table, write_report
+
+    records = load_records(results_dir)
+    if not records:
+        print(f"no finished runs in {results_dir}", file=out)
+        return
+    print(summary_table(records), file=out)
+    report = write_report(results_dir)
+    print(f"\nreport: {report}", file=out)
+
+
+def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    task = get_task(args.task)
+    overrides: dict[str, Any] = {}
+    for key in (
+        "epochs",
+        "train_size",
+        "validation_size",
+        "batch_size",
+        "lr",
+        "dropout",
+        "max_length",
+        "evals_per_epoch",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if args.train_size_all:
+        overrides["train_size"] = None
+    runs = []
+    for method in args.method:
+        alphas: list[float | None] = [None]
+        if METHODS[method].uses_alpha:
+            alphas = list(args.alpha) if args.alpha else [task.paper_alpha]
+        for seed in args.seeds:
+            for alpha in alphas:
+                runs.append(
+                    RunConfig(
+                        task.name,
+                        method,
+                        alpha=alpha,
+                        seed=seed,
+                        paper_alpha=task.paper_alpha,
+                        **overrides,
+                    )
+                )
+    return _execute(runs, args, argv)
+
+
+def _execute(runs: list[RunConfig], args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from rdrop.experiments.runner import run_suite
+
+    _threads()
+    results_dir = Path(args.results_dir)
+    store = ResultStore(results_dir)
+    checkpoints = results_dir / "checkpoints" if args.save_checkpoints else None
+    print(f"{len(runs)} run(s); results in {results_dir}", file=sys.stderr)
+    run_suite(
+        runs,
+        store,
+        data_dir=_data_dir(args),
+        command=_command_line(argv),
+        checkpoint_dir=checkpoints,
+    )
+    _finish(results_dir, sys.stdout)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    suite = load_suite(
+        Path(args.config),
+        known_tasks={name: task.paper_alpha for name, task in TASKS.items()},
+        known_methods=set(METHODS),
+    )
+    if args.results_dir is None:
+        args.results_dir = str(Path("runs") / suite.name)
+    if args.dry_run:
+        for run in suite.runs:
+            print(run.run_id())
+        return 0
+    return _execute(list(suite.runs), args, argv)
+
+
+def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from rdrop.experiments.report import write_report
+
+    results_dir = Path(args.results_dir)
+    if not (results_dir / "runs").is_dir():
+        raise ConfigError(f"{results_dir} holds no runs/ folder: nothing to report")
+    path = write_report(results_dir, Path(args.out) if args.out else None)
+    print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    runs = _demo_runs(args.seeds, args.quick)
+    print(
+        "rdrop demo: fine-tune the pretrained MiniLM encoder on SST-2 (real data, "
+        f"{runs[0].train_size} training sentences), baseline vs R-Drop (alpha = 1.0), "
+        f"seeds {list(args.seeds)}; validation picks the checkpoint, the labelled SST-2 test "
+        "set (1,821 sentences) scores it.",
+        file=sys.stderr,
+    )
+    return _execute(runs, args, argv)
+
+
+def cmd_probe(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import torch
+
+    import rdrop
+
+    _threads()
+    task = get_task(args.task)
+    data = task.load(_data_dir(args), None, None, 0)
+    torch.manual_seed(args.seed)
+    model, collate = task.build(dropout=args.dropout, max_length=128)
+    if args.checkpoint:
+        from safetensors.torch import load_model
+
+        load_model(model, args.checkpoint)
+    kind = "mse" if task.kind == "regression" else "kl"
+    values = []
+    for i in range(args.batches):
+        inputs, _ = collate(data.train[i * args.batch_size : (i + 1) * args.batch_size])
+        values.append(rdrop.dropout_consistency(model, **inputs, kind=kind))
+    mean = sum(v.consistency for v in values) / len(values)
+    source = f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained MiniLM (new head)"
+    print(f"task {task.display_name}, model {source}")
+    print(f"active dropout modules: {len(values[0].dropout_modules)}")
+    print(
+        f"consistency ({kind}) between two dropout passes: {mean:.6f} "
+        f"(mean over {args.batches} batches of {args.batch_size})"
+    )
+    if not values[0].dropout_modules or mean == 0:
+        print("no active dropout: R-Drop would do nothing for this model")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rdrop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    def common(p: argparse.ArgumentParser, results_default: str | None) -> None:
+        p.add_argument(
+            "--results-dir",
+            default=results_default,
+            help=f"where run records go (default: {results_default})",
+        )
+        p.add_argument(
+            "--data-dir",
+            default=None,
+            help="folder holding glue/ (default: $RDROP_DATA_DIR or ../shared/data)",
+        )
+        p.add_argument(
+            "--save-checkpoints",
+            action="store_true",
+            help="save each run's selected model (safetensors)",
+        )
+
+    demo = sub.add_parser(
+        "demo", help="baseline vs R-Drop on real data, about ten minutes on 2 CPU cores"
+    )
+    common(demo, "runs/demo")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    demo.add_argument(
+        "--quick", action="store_true", help="a tiny budget (smoke test, about a minute)"
+    )
+    demo.set_defaults(handler=cmd_demo)
+
+    run = sub.add_parser("run", help="run one task with one or more methods, alphas and seeds")
+    run.add_argument("task", choices=sorted(TASKS))
+    run.add_argument("--method", nargs="+", default=["rdrop"], choices=sorted(METHODS))
+    run.add_argument(
+        "--alpha",
+        type=float,
+        nargs="+",
+        default=None,
+        help="R-Drop alpha(s) (default: the paper's for the task)",
+    )
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--epochs", type=float)
+    run.add_argument("--train-size", type=int)
+    run.add_argument("--train-size-all", action="store_true", help="use the whole training set")
+    run.add_argument("--validation-size", type=int)
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--lr", type=float)
+    run.add_argument("--dropout", type=float)
+    run.add_argument("--max-length", type=int)
+    run.add_argument("--evals-per-epoch", type=int)
+    common(run, "runs/run")
+    run.set_defaults(handler=cmd_run)
+
+    sweep = sub.add_parser("sweep", help="run a suite file (TOML/YAML); resumable")
+    sweep.add_argument("config")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    common(sweep, None)
+    sweep.set_defaults(handler=cmd_sweep)
+
+    report = sub.add_parser("report", help="write REPORT.md and plots for a results folder")
+    report.add_argument("results_dir")
+    report.add_argument("--out", default=None)
+    report.set_defaults(handler=cmd_report)
+
+    probe = sub.add_parser(
+        "probe", help="symmetric KL between two dropout passes of a task's model"
+    )
+    probe.add_argument("task", choices=sorted(TASKS))
+    probe.add_argument(
+        "--checkpoint", default=None, help="a .safetensors file saved by --save-checkpoints"
+    )
+    probe.add_argument("--batches", type=int, default=4)
+    probe.add_argument("--batch-size", type=int, default=32)
+    probe.add_argument("--dropout", type=float, default=None)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--data-dir", default=None)
+    probe.set_defaults(handler=cmd_probe)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.handler(args, argv))
+    except (ConfigError, DataError, ValueError) as error:
+        print(f"rdrop: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\nrdrop: interrupted; finished runs are saved, re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

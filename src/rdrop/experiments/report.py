@@ -1,0 +1,1065 @@
+# ruff: noqa: RUF001  (the report deliberately writes α and ×)
+"""Turn finished run records into ``REPORT.md`` and plots.
+
+Reads ``<results_dir>/runs/*.json`` (one record per finished run, written by the runner),
+aggregates them per task and method (mean ± std over seeds, paired differences against the
+baseline at two budgets) and writes ``REPORT.md`` plus PNG plots in ``plots/``.
+
+matplotlib is imported only inside the plotting functions (``import rdrop`` and
+``import rdrop.experiments.report`` never import it); the Agg canvas is used directly, so no
+global backend is switched and no display is needed.
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     (Path(tmp) / "runs").mkdir()
+    ...     load_records(tmp)
+    []
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rdrop.experiments.stats import (
+    PairedDifference,
+    format_interval,
+    format_mean_std,
+    format_signed,
+    mean_std,
+    paired_difference,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "BUDGETS",
+    "ReportWarning",
+    "VERDICT_BASELINE_BETTER",
+    "VERDICT_NO_DIFFERENCE",
+    "VERDICT_RDROP_BETTER",
+    "load_records",
+    "method_label",
+    "summary_table",
+    "verdict",
+    "write_report",
+]
+
+Record = dict[str, Any]
+
+BUDGETS: tuple[str, ...] = ("equal_epochs", "equal_time")
+_BUDGET_TITLES = {"equal_epochs": "equal epochs", "equal_time": "equal wall-clock time"}
+_BUDGET_SHORT = {"equal_epochs": "eq. epochs", "equal_time": "eq. time"}
+
+VERDICT_RDROP_BETTER = "R-Drop better (interval excludes 0)"
+VERDICT_BASELINE_BETTER = "baseline better (interval excludes 0)"
+VERDICT_NO_DIFFERENCE = "no significant difference at this scale"
+
+CONFIDENCE = 0.95
+N_BOOTSTRAP = 10000
+BOOTSTRAP_SEED = 0
+
+# Config fields that are expected to vary between the runs of one task.
+_GROUPING_FIELDS = {"task", "method", "alpha", "seed", "paper_alpha"}
+
+
+class ReportWarning(UserWarning):
+    """A run record was skipped or is inconsistent with the others."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _missing_keys(record: Any) -> list[str]:
+    """Names of the keys the report cannot do without (empty list: usable)."""
+    if not isinstance(record, dict):
+        return ["<top level is not an object>"]
+    missing = []
+    config, task, selections = record.get("config"), record.get("task"), record.get("selections")
+    if not isinstance(config, dict):
+        missing.append("config")
+    else:
+        missing += [f"config.{k}" for k in ("method", "seed") if k not in config]
+    if not isinstance(task, dict):
+        missing.append("task")
+    else:
+        missing += [f"task.{k}" for k in ("name", "primary_metric") if k not in task]
+    if not isinstance(selections, dict) or not isinstance(selections.get("equal_epochs"), dict):
+        missing.append("selections.equal_epochs")
+    return missing
+
+
+def load_records(results_dir: str | os.PathLike[str]) -> list[Record]:
+    """Read every finished run record in ``results_dir/runs/*.json``.
+
+    Files that are not ``*.json`` (e.g. ``*.tmp`` written by a run in progress), that do not
+    parse, or that lack the keys the report needs are skipped with a :class:`ReportWarning`.
+    Several records for the same (task, method, alpha, seed) keep the last one finished.
+
+    Args:
+        results_dir: the results folder (the one holding ``runs/``).
+
+    Returns:
+        The records, sorted by (task, method, alpha, seed).
+
+    Raises:
+        FileNotFoundError: if ``results_dir/runs`` does not exist.
+    """
+    runs_dir = Path(results_dir) / "runs"
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"no run records folder: {runs_dir}")
+    by_key: dict[tuple[Any, ...], tuple[Path, Record]] = {}
+    for path in sorted(runs_dir.iterdir()):
+        partial = path.name.endswith(".tmp")
+        if not partial and (path.name.startswith(".") or path.is_dir()):
+            continue
+        if path.suffix != ".json":
+            warnings.warn(
+                f"skipping {path.name}: not a finished run record (run in progress or "
+                "interrupted?)",
+                ReportWarning,
+                stacklevel=2,
+            )
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            warnings.warn(
+                f"skipping {path.name}: unreadable ({error})", ReportWarning, stacklevel=2
+            )
+            continue
+        missing = _missing_keys(record)
+        if missing:
+            warnings.warn(
+                f"skipping {path.name}: partial record, missing {', '.join(missing)}",
+                ReportWarning,
+                stacklevel=2,
+            )
+            continue
+        if record.get("schema", 1) != 1:
+            warnings.warn(
+                f"{path.name}: unknown record schema {record.get('schema')!r}, reading it as 1",
+                ReportWarning,
+                stacklevel=2,
+            )
+        key = (_task_name(record), _method(record), _alpha(record), record["config"]["seed"])
+        if key in by_key:
+            previous_path, previous = by_key[key]
+            newer = str(record.get("finished_at", "")) >= str(previous.get("finished_at", ""))
+            kept, dropped = (path, previous_path) if newer else (previous_path, path)
+            warnings.warn(
+                f"two records for task={key[0]} method={key[1]} alpha={key[2]} seed={key[3]}: "
+                f"keeping {kept.name}, ignoring {dropped.name}",
+                ReportWarning,
+                stacklevel=2,
+            )
+            if not newer:
+                continue
+        by_key[key] = (path, record)
+    records = [record for _, record in by_key.values()]
+    records.sort(key=lambda r: (_task_name(r), _method_order(r), _seed(r)))
+    return records
+
+
+# --------------------------------------------------------------------------- record access
+
+
+def _task_name(record: Record) -> str:
+    return str(record["task"].get("name") or record["config"].get("task"))
+
+
+def _method(record: Record) -> str:
+    return str(record["config"]["method"])
+
+
+def _alpha(record: Record) -> float | None:
+    alpha = record["config"].get("alpha")
+    return None if alpha is None else float(alpha)
+
+
+def _seed(record: Record) -> int:
+    return int(record["config"]["seed"])
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _format_alpha(alpha: float) -> str:
+    return f"{alpha:.1f}" if alpha == round(alpha, 1) else f"{alpha:g}"
+
+
+def method_label(method: str, alpha: float | None) -> str:
+    """Row label of a method in the report.
+
+    Example:
+        >>> method_label("rdrop", 1.0), method_label("doubled_batch", None)
+        ('R-Drop α=1.0', 'doubled batch (no KL)')
+    """
+    if method == "baseline":
+        return "baseline"
+    if method == "doubled_batch":
+        return "doubled batch (no KL)"
+    name = "R-Drop" if method == "rdrop" else method.replace("_", " ")
+    return name if alpha is None else f"{name} α={_format_alpha(alpha)}"
+
+
+def _method_order(record: Record) -> tuple[Any, ...]:
+    return _order_key(_method(record), _alpha(record))
+
+
+def _order_key(method: str, alpha: float | None) -> tuple[Any, ...]:
+    rank = {"baseline": 0, "doubled_batch": 1, "rdrop": 2}.get(method, 3)
+    return (rank, method, -1.0 if alpha is None else alpha)
+
+
+def _selection(record: Record, budget: str) -> dict[str, Any] | None:
+    selections = record.get("selections") or {}
+    selected = selections.get(budget)
+    if selected is None and budget == "equal_time" and _method(record) == "rdrop":
+        # R-Drop sets the time budget: its equal-time model is its equal-epochs model.
+        selected = selections.get("equal_epochs")
+    return selected if isinstance(selected, dict) else None
+
+
+def _selected_value(record: Record, budget: str, split: str, metric: str) -> float | None:
+    selected = _selection(record, budget)
+    if selected is None or not isinstance(selected.get(split), dict):
+        return None
+    return _finite(selected[split].get(metric))
+
+
+def _seconds_per_step(record: Record) -> float | None:
+    value = _finite(record.get("seconds_per_step"))
+    if value is None:
+        seconds, steps = _finite(record.get("train_seconds")), _finite(record.get("steps"))
+        if seconds is not None and steps:
+            value = seconds / steps
+    return value
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+@dataclass
+class _Group:
+    """All seeds of one method (one row of a task's table)."""
+
+    method: str
+    alpha: float | None
+    records: list[Record]
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method, self.alpha)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [_seed(r) for r in self.records]
+
+    def values(self, budget: str, split: str, metric: str) -> dict[int, float]:
+        out = {}
+        for record in self.records:
+            value = _selected_value(record, budget, split, metric)
+            if value is not None:
+                out[_seed(record)] = value
+        return out
+
+    def stat(self, budget: str, split: str, metric: str) -> tuple[float, float, int]:
+        values = list(self.values(budget, split, metric).values())
+        if not values:
+            return math.nan, math.nan, 0
+        mean, std = mean_std(values)
+        return mean, std, len(values)
+
+    def seconds_per_step(self) -> float:
+        values = [v for r in self.records if (v := _seconds_per_step(r)) is not None]
+        return mean_std(values)[0] if values else math.nan
+
+
+@dataclass
+class _Task:
+    """One task: its metadata, its method rows and the comparisons."""
+
+    name: str
+    info: dict[str, Any]
+    groups: list[_Group]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return str(self.info.get("display_name") or self.name)
+
+    @property
+    def primary(self) -> str:
+        return str(self.info["primary_metric"])
+
+    @property
+    def metrics(self) -> list[str]:
+        metrics = self.info.get("metrics") or [self.primary]
+        return [str(m) for m in metrics]
+
+    @property
+    def higher_is_better(self) -> bool:
+        return bool(self.info.get("higher_is_better", True))
+
+    @property
+    def records(self) -> list[Record]:
+        return [r for g in self.groups for r in g.records]
+
+    @property
+    def baseline(self) -> _Group | None:
+        return next((g for g in self.groups if g.method == "baseline"), None)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({s for g in self.groups for s in g.seeds})
+
+    def has_budget(self, budget: str) -> bool:
+        base = self.baseline
+        if base is None:
+            return False
+        return bool(base.values(budget, "test", self.primary))
+
+    def paired(
+        self, group: _Group, budget: str, metric: str | None = None
+    ) -> PairedDifference | None:
+        """Paired test difference ``group - baseline`` over the seeds both have."""
+        base = self.baseline
+        if base is None or group is base:
+            return None
+        metric = metric or self.primary
+        treated = group.values(budget, "test", metric)
+        control = base.values(budget, "test", metric)
+        common = sorted(set(treated) & set(control))
+        if not common:
+            return None
+        return paired_difference(
+            [treated[s] for s in common],
+            [control[s] for s in common],
+            confidence=CONFIDENCE,
+            n_bootstrap=N_BOOTSTRAP,
+            seed=BOOTSTRAP_SEED,
+        )
+
+    def paper_alpha(self) -> float | None:
+        for record in self.records:
+            for source in (record["config"], record["task"]):
+                value = _finite(source.get("paper_alpha"))
+                if value is not None:
+                    return value
+        return None
+
+    def chosen_rdrop(self) -> tuple[_Group, str] | None:
+        """The R-Drop row the verdict uses: the paper's alpha, else best mean validation."""
+        candidates = [g for g in self.groups if g.method == "rdrop"]
+        if not candidates:
+            return None
+        paper = self.paper_alpha()
+        if paper is not None:
+            for group in candidates:
+                if group.alpha is not None and math.isclose(group.alpha, paper, rel_tol=1e-9):
+                    return group, "the paper's α"
+        scored = []
+        for group in candidates:
+            mean, _, n = group.stat("equal_epochs", "validation", self.primary)
+            if n:
+                scored.append((mean if self.higher_is_better else -mean, group))
+        if not scored:
+            return candidates[0], "the only α with runs"
+        best = max(scored, key=lambda item: (item[0], -(item[1].alpha or 0.0)))[1]
+        reason = "best mean validation " + self.primary
+        if paper is not None:
+            reason += f"; no runs at the paper's α={_format_alpha(paper)}"
+        return best, reason
+
+
+def _group_tasks(records: Sequence[Record]) -> list[_Task]:
+    by_task: dict[str, list[Record]] = {}
+    for record in records:
+        by_task.setdefault(_task_name(record), []).append(record)
+    tasks = []
+    for name in sorted(by_task):
+        task_records = by_task[name]
+        by_method: dict[tuple[str, float | None], list[Record]] = {}
+        for record in task_records:
+            by_method.setdefault((_method(record), _alpha(record)), []).append(record)
+        groups = [
+            _Group(method, alpha, sorted(rs, key=_seed))
+            for (method, alpha), rs in sorted(by_method.items(), key=lambda kv: _order_key(*kv[0]))
+        ]
+        info = dict(task_records[0]["task"])
+        task = _Task(name=name, info=info, groups=groups)
+        task.notes = _consistency_notes(task)
+        tasks.append(task)
+    return tasks
+
+
+def _consistency_notes(task: _Task) -> list[str]:
+    """Differences between runs of one task that a reader should know about."""
+    notes = []
+    for key in ("primary_metric", "test_split", "train_examples", "higher_is_better"):
+        values = {json.dumps(r["task"].get(key), default=str) for r in task.records}
+        if len(values) > 1:
+            notes.append(f"runs disagree on task.{key}: {', '.join(sorted(values))}")
+    keys = sorted({k for r in task.records for k in r["config"]} - _GROUPING_FIELDS)
+    for key in keys:
+        values = {
+            json.dumps(r["config"].get(key), sort_keys=True, default=str) for r in task.records
+        }
+        if len(values) > 1:
+            notes.append(f"config.{key} differs between runs: {', '.join(sorted(values))}")
+    base = task.baseline
+    for group in task.groups:
+        if base is not None and group is not base and set(group.seeds) != set(base.seeds):
+            notes.append(
+                f"{group.label} has seeds {group.seeds}, the baseline {base.seeds}; paired "
+                "differences use the common seeds only"
+            )
+    return notes
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+def verdict(diff: PairedDifference | None, higher_is_better: bool = True) -> str:
+    """One-line verdict from the paired difference R-Drop − baseline (t-interval).
+
+    Args:
+        diff: paired test difference ``rdrop - baseline`` (``None``: no paired seeds).
+        higher_is_better: direction of the metric; for lower-is-better metrics a negative
+            difference favours R-Drop.
+
+    Returns:
+        :data:`VERDICT_RDROP_BETTER`, :data:`VERDICT_BASELINE_BETTER` or
+        :data:`VERDICT_NO_DIFFERENCE` (with a note when fewer than 2 seeds are paired).
+
+    Example:
+        >>> from rdrop.experiments.stats import paired_difference
+        >>> verdict(paired_difference([0.9, 0.91, 0.92], [0.8, 0.8, 0.81]))
+        'R-Drop better (interval excludes 0)'
+        >>> verdict(paired_difference([0.9, 0.91, 0.92], [0.8, 0.8, 0.81]), higher_is_better=False)
+        'baseline better (interval excludes 0)'
+    """
+    if diff is None or diff.n < 2:
+        n = 0 if diff is None else diff.n
+        return f"{VERDICT_NO_DIFFERENCE} (only {n} paired seed{'s' * (n != 1)}: no interval)"
+    if not diff.t_excludes_zero():
+        return VERDICT_NO_DIFFERENCE
+    rdrop_larger = diff.t_low > 0.0
+    return VERDICT_RDROP_BETTER if rdrop_larger == higher_is_better else VERDICT_BASELINE_BETTER
+
+
+def _verdict_line(task: _Task) -> str:
+    chosen = task.chosen_rdrop()
+    head = f"**Verdict ({task.title})**"
+    if chosen is None:
+        return f"{head}: no R-Drop runs."
+    if task.baseline is None:
+        return f"{head}: no baseline runs to compare with."
+    group, reason = chosen
+    parts = []
+    for budget in BUDGETS:
+        if budget == "equal_time" and not task.has_budget(budget):
+            parts.append(f"{_BUDGET_TITLES[budget]}: not measured")
+            continue
+        diff = task.paired(group, budget)
+        text = f"{_BUDGET_TITLES[budget]}: {verdict(diff, task.higher_is_better)}"
+        if diff is not None:
+            digits = _digits(task, task.primary)
+            text += (
+                f" (Δ {task.primary} {format_signed(diff.mean, digits)}, "
+                f"95% t-interval {format_interval(diff.t_low, diff.t_high, digits)}, n={diff.n})"
+            )
+        parts.append(text)
+    return f"{head}, {group.label} ({reason}) vs baseline — " + "; ".join(parts) + "."
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _digits(task: _Task, metric: str) -> int:
+    values = [
+        abs(v)
+        for g in task.groups
+        for budget in BUDGETS
+        for v in g.values(budget, "test", metric).values()
+    ]
+    return 2 if values and max(values) >= 10 else 4
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _wtl(diff: PairedDifference, higher_is_better: bool) -> str:
+    better, worse = (diff.wins, diff.losses) if higher_is_better else (diff.losses, diff.wins)
+    return f"{better}/{diff.ties}/{worse}"
+
+
+def _mean_std_cell(group: _Group, budget: str, split: str, metric: str, digits: int) -> str:
+    mean, std, _ = group.stat(budget, split, metric)
+    return format_mean_std(mean, std, digits)
+
+
+def _main_table(task: _Task) -> str:
+    metric, digits = task.primary, _digits(task, task.primary)
+    budgets = [b for b in BUDGETS if b == "equal_epochs" or task.has_budget(b)]
+    header = ["method", "seeds"]
+    for budget in budgets:
+        short = _BUDGET_SHORT[budget]
+        header += [
+            f"test {metric} ({short})",
+            f"Δ vs baseline ({short})",
+            "95% t-interval",
+            "95% bootstrap",
+            "W/T/L",
+        ]
+    header += [f"val {metric} at selection", "s/step", "× baseline s/step"]
+    base = task.baseline
+    base_sps = base.seconds_per_step() if base is not None else math.nan
+    rows = []
+    for group in task.groups:
+        row = [group.label, str(len(group.records))]
+        for budget in budgets:
+            row.append(_mean_std_cell(group, budget, "test", metric, digits))
+            diff = task.paired(group, budget)
+            if diff is None:
+                reference = group is base
+                row += ["(reference)" if reference else "—", "", "", ""]
+            else:
+                row += [
+                    format_signed(diff.mean, digits),
+                    format_interval(diff.t_low, diff.t_high, digits),
+                    format_interval(diff.boot_low, diff.boot_high, digits),
+                    _wtl(diff, task.higher_is_better),
+                ]
+        row.append(_mean_std_cell(group, "equal_epochs", "validation", metric, digits))
+        sps = group.seconds_per_step()
+        row.append("—" if math.isnan(sps) else f"{sps:.3f}" if sps < 10 else f"{sps:.1f}")
+        ratio = sps / base_sps if base_sps > 0 else math.nan
+        row.append("—" if math.isnan(ratio) else f"{ratio:.2f}×")
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _secondary_table(task: _Task) -> str | None:
+    if len(task.metrics) < 2:
+        return None
+    budgets = [b for b in BUDGETS if b == "equal_epochs" or task.has_budget(b)]
+    header = ["method"] + [f"test {m} ({_BUDGET_SHORT[b]})" for b in budgets for m in task.metrics]
+    rows = [
+        [group.label]
+        + [
+            _mean_std_cell(group, b, "test", m, _digits(task, m))
+            for b in budgets
+            for m in task.metrics
+        ]
+        for group in task.groups
+    ]
+    return _table(header, rows)
+
+
+def _per_seed_table(task: _Task, budget: str) -> str:
+    metric, digits = task.primary, _digits(task, task.primary)
+    header = ["seed"] + [g.label for g in task.groups]
+    columns = [g.values(budget, "test", metric) for g in task.groups]
+    rows = [
+        [str(seed)] + [f"{c[seed]:.{digits}f}" if seed in c else "—" for c in columns]
+        for seed in task.seeds
+    ]
+    return _table(header, rows)
+
+
+def _task_summary_lines(task: _Task) -> list[str]:
+    direction = "higher is better" if task.higher_is_better else "lower is better"
+    return [
+        f"### {task.title}",
+        "",
+        f"Primary metric: {task.primary} ({direction}); test split: "
+        f"{task.info.get('test_split', 'not recorded')}; seeds: "
+        f"{', '.join(map(str, task.seeds))}.",
+        "",
+        _main_table(task),
+        "",
+        _verdict_line(task),
+    ]
+
+
+def summary_table(records: Sequence[Record]) -> str:
+    """The main comparison table of every task, as Markdown (for printing in a terminal).
+
+    Args:
+        records: run records, e.g. from :func:`load_records`.
+
+    Returns:
+        Per task: a heading, the table (test primary metric mean ± std at equal epochs and at
+        equal wall-clock time, paired difference vs the baseline with its 95% t- and bootstrap
+        intervals and wins/ties/losses, validation metric at selection, seconds per step) and
+        the verdict line.
+    """
+    tasks = _group_tasks(records)
+    if not tasks:
+        return "No finished runs."
+    return "\n\n".join("\n".join(_task_summary_lines(task)) for task in tasks)
+
+
+# --------------------------------------------------------------------------- report text
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min {secs:02d} s"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{seconds:.1f} s"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _protocol_section(tasks: Sequence[_Task]) -> list[str]:
+    rows = []
+    for task in tasks:
+        info = task.info
+        used, available = info.get("train_examples"), info.get("train_available")
+        if isinstance(used, int) and isinstance(available, int) and available > 0:
+            train = f"{used:,} of {available:,} ({100.0 * used / available:.1f}%)"
+        else:
+            train = f"{_count(used)} of {_count(available)}"
+        budgets = [
+            v for r in task.records if (v := _finite(r.get("time_budget_seconds"))) is not None
+        ]
+        budget = f"{mean_std(budgets)[0]:.1f} s" if budgets else "—"
+        n_seeds = len(task.seeds)
+        fewer = [f"{g.label}: {len(g.records)}" for g in task.groups if len(g.records) < n_seeds]
+        seeds = f"{n_seeds}" + (f" (fewer for {'; '.join(fewer)})" if fewer else "")
+        rows.append(
+            [
+                task.title,
+                train,
+                _count(info.get("validation_examples", "—")),
+                _count(info.get("test_examples", "—")),
+                str(info.get("test_split", "not recorded")),
+                seeds,
+                budget,
+            ]
+        )
+    return [
+        "## Protocol",
+        "",
+        "- **Model selection** on the validation split only: each run is evaluated on the "
+        "validation split during training and the best checkpoint (best validation primary "
+        "metric within the budget) is kept.",
+        "- **Final numbers** are that checkpoint's scores on a held-out **test split that was "
+        "never used for selection** (which split, per task: table below).",
+        "- **Seeds**: every method is run with the same seeds (same training subsample and "
+        "initialisation per seed); tables give **mean ± std** over seeds (sample std, ddof=1).",
+        "- **Paired comparison against the baseline**: per seed, d = method - baseline on the "
+        f"test split; reported: mean of d, its {CONFIDENCE:.0%} Student-t interval (df = n - 1), "
+        f"its {CONFIDENCE:.0%} percentile-bootstrap interval ({N_BOOTSTRAP} resamples, seed "
+        f"{BOOTSTRAP_SEED}) and W/T/L = seeds where the method is better / equal / worse. "
+        "With few seeds the bootstrap interval is too narrow; the verdict uses the t-interval.",
+        "- **Two budgets**: *equal epochs* (every method trains for the same number of epochs) "
+        "and *equal wall-clock time* (the baseline continues training until it has used the "
+        "R-Drop run's training time, `time_budget_seconds`, and is selected on validation "
+        "within that time; R-Drop's equal-time model is its equal-epochs model).",
+        "- **Verdict**: R-Drop at the paper's α for the task if it was run, else the α with the "
+        "best mean *validation* metric (never chosen by test); R-Drop or the baseline is "
+        "called better only when the 95% t-interval of the paired difference excludes 0.",
+        "- **Training sets are subsampled** (column *train used*), so absolute numbers are "
+        "below the paper's; the comparison, not the level, is the point.",
+        "",
+        _table(
+            [
+                "task",
+                "train used",
+                "validation",
+                "test",
+                "test split",
+                "seeds",
+                "equal-time budget (mean)",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _environment_section(records: Sequence[Record]) -> list[str]:
+    values: dict[str, list[str]] = {}
+    for record in records:
+        environment = record.get("environment")
+        if not isinstance(environment, dict):
+            continue
+        for key, value in environment.items():
+            text = "—" if value is None else str(value)
+            if text not in values.setdefault(key, []):
+                values[key].append(text)
+    lines = ["## Hardware and environment", ""]
+    if values:
+        lines.append(_table(["", "value(s)"], [[k, "; ".join(v)] for k, v in values.items()]))
+    else:
+        lines.append("Not recorded.")
+    commands = list(dict.fromkeys(str(r["command"]) for r in records if r.get("command")))
+    wall = sum(v for r in records if (v := _finite(r.get("wall_seconds"))) is not None)
+    train = sum(v for r in records if (v := _finite(r.get("train_seconds"))) is not None)
+    started = [str(r["started_at"]) for r in records if r.get("started_at")]
+    finished = [str(r["finished_at"]) for r in records if r.get("finished_at")]
+    lines += ["", "## Commands", ""]
+    lines += ["```", *commands, "```"] if commands else ["Not recorded."]
+    lines += [
+        "",
+        "## Compute",
+        "",
+        f"{len(records)} runs; total wall-clock time {_format_duration(wall)} "
+        f"(of which training {_format_duration(train)}).",
+    ]
+    if started and finished:
+        lines[-1] += f" First run started {min(started)}, last finished {max(finished)}."
+    return lines
+
+
+def _task_section(task: _Task, plots: Sequence[tuple[str, str]]) -> list[str]:
+    info = task.info
+    direction = "higher is better" if task.higher_is_better else "lower is better"
+    lines = [
+        f"## {task.title}",
+        "",
+        f"Primary metric: **{task.primary}** ({direction}); metrics: {', '.join(task.metrics)}. "
+        f"Train {_count(info.get('train_examples', '?'))} of "
+        f"{_count(info.get('train_available', '?'))} examples; validation "
+        f"{_count(info.get('validation_examples', '?'))}; test "
+        f"{_count(info.get('test_examples', '?'))}; test split: "
+        f"{info.get('test_split', 'not recorded')}.",
+        "",
+        _verdict_line(task),
+        "",
+        _main_table(task),
+    ]
+    secondary = _secondary_table(task)
+    if secondary is not None:
+        lines += ["", "All metrics (test, mean ± std over seeds):", "", secondary]
+    for budget in BUDGETS:
+        if budget == "equal_epochs" or task.has_budget(budget):
+            lines += [
+                "",
+                f"Per-seed test {task.primary} ({_BUDGET_TITLES[budget]}):",
+                "",
+                _per_seed_table(task, budget),
+            ]
+    if task.notes:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in task.notes]
+    if plots:
+        lines += ["", "Plots:", ""]
+        for caption, relative in plots:
+            lines += [f"![{caption}]({relative})", ""]
+        lines.pop()
+    return lines
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _color_map(records: Sequence[Record]) -> dict[str, str]:
+    """Method label -> colour, the same in every plot of the report."""
+    keys = sorted({(_method(r), _alpha(r)) for r in records}, key=lambda k: _order_key(*k))
+    palette = [
+        "tab:blue",
+        "tab:green",
+        "tab:red",
+        "tab:purple",
+        "tab:brown",
+        "tab:pink",
+        "tab:olive",
+        "tab:cyan",
+    ]
+    fixed = {"baseline": "black", "doubled_batch": "tab:orange"}
+    colors, index = {}, 0
+    for method, alpha in keys:
+        label = method_label(method, alpha)
+        if method in fixed:
+            colors[label] = fixed[method]
+        else:
+            colors[label] = palette[index % len(palette)]
+            index += 1
+    return colors
+
+
+def _new_figure() -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 4.2), dpi=100)
+    figure.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.91)  # no layout engine
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", metadata={"Software": None})
+
+
+Curve = tuple[list[float], list[float]]
+
+
+def _plot_curves(
+    axes: Axes, curves: Sequence[Curve], color: str, label: str, log_y: bool = False
+) -> bool:
+    """Each seed faint, the mean over seeds (by evaluation index) bold. False if no data."""
+    curves = [c for c in curves if c[0]]
+    if not curves:
+        return False
+    for xs, ys in curves:
+        axes.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+    length = min(len(xs) for xs, _ in curves)
+    mean_x = [sum(c[0][i] for c in curves) / len(curves) for i in range(length)]
+    mean_y = [sum(c[1][i] for c in curves) / len(curves) for i in range(length)]
+    axes.plot(mean_x, mean_y, color=color, linewidth=2.0, label=f"{label} (n={len(curves)})")
+    if log_y and all(y > 0 for _, ys in curves for y in ys):
+        axes.set_yscale("log")
+    return True
+
+
+def _eval_curve(record: Record, x_key: str, y: Callable[[dict[str, Any]], Any]) -> Curve:
+    xs, ys = [], []
+    for point in record.get("evals") or []:
+        if not isinstance(point, dict):
+            continue
+        x_value = _finite(point.get(x_key))
+        y_value = _finite(y(point))
+        if x_value is not None and y_value is not None:
+            xs.append(x_value)
+            ys.append(y_value)
+    return xs, ys
+
+
+def _loss_curve(record: Record) -> Curve:
+    xs, ys = [], []
+    for point in record.get("train_curve") or []:
+        if isinstance(point, dict):
+            x_value, y_value = _finite(point.get("step")), _finite(point.get("loss"))
+            if x_value is not None and y_value is not None:
+                xs.append(x_value)
+                ys.append(y_value)
+    if xs:
+        return xs, ys
+    return _eval_curve(record, "step", lambda p: p.get("train_loss"))
+
+
+def _curve_plot(
+    task: _Task,
+    colors: dict[str, str],
+    path: Path,
+    curve: Callable[[Record], Curve],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    log_y: bool = False,
+    vline: tuple[float, str] | None = None,
+) -> bool:
+    figure = _new_figure()
+    axes = figure.add_subplot()
+    drawn = False
+    for group in task.groups:
+        curves = [curve(r) for r in group.records]
+        drawn |= _plot_curves(axes, curves, colors[group.label], group.label, log_y)
+    if not drawn:
+        return False
+    if vline is not None:
+        axes.axvline(vline[0], color="gray", linestyle=":", linewidth=1.2, label=vline[1])
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    _save(figure, path)
+    return True
+
+
+def _alpha_plot(task: _Task, colors: dict[str, str], path: Path) -> bool:
+    groups = [g for g in task.groups if g.method == "rdrop" and g.alpha is not None and g.alpha > 0]
+    if len(groups) < 2:
+        return False
+    figure = _new_figure()
+    axes = figure.add_subplot()
+    alphas = [float(g.alpha or 0.0) for g in groups]
+    series = (("validation", "o-", "tab:blue"), ("test", "s--", "tab:red"))
+    for split, style, color in series:
+        stats = [g.stat("equal_epochs", split, task.primary) for g in groups]
+        axes.errorbar(
+            alphas,
+            [s[0] for s in stats],
+            yerr=[s[1] for s in stats],
+            fmt=style,
+            color=color,
+            capsize=3,
+            label=f"R-Drop, {split}",
+        )
+        base = task.baseline
+        if base is not None:
+            mean, _, n = base.stat("equal_epochs", split, task.primary)
+            if n:
+                axes.axhline(
+                    mean, color=color, linestyle=":", linewidth=1.2, label=f"baseline, {split}"
+                )
+    paper = task.paper_alpha()
+    if paper is not None and paper > 0:
+        axes.axvline(paper, color="gray", linestyle="-.", linewidth=1.0, label="paper α")
+    axes.set_xscale("log")
+    axes.set_xticks(alphas, [_format_alpha(a) for a in alphas])
+    axes.minorticks_off()
+    axes.set_xlabel("α (log scale)")
+    axes.set_ylabel(f"{task.primary} (mean ± std over seeds)")
+    axes.set_title(f"{task.title}: α-sensitivity (equal epochs)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    _save(figure, path)
+    return True
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"
+
+
+def _task_plots(task: _Task, colors: dict[str, str], plots_dir: Path) -> list[tuple[str, str]]:
+    """Write the task's PNGs; return (caption, path relative to the report) pairs."""
+    primary = task.primary
+    budgets = [v for r in task.records if (v := _finite(r.get("time_budget_seconds"))) is not None]
+    vline = (sum(budgets) / len(budgets), "equal-time budget") if budgets else None
+    stem = _safe_name(task.name)
+    specs: list[tuple[str, str, Callable[[Path], bool]]] = [
+        (
+            f"{task.title}: validation {primary} vs step",
+            f"{stem}_validation_vs_step.png",
+            lambda p: _curve_plot(
+                task,
+                colors,
+                p,
+                lambda r: _eval_curve(
+                    r, "step", lambda e: (e.get("validation") or {}).get(primary)
+                ),
+                "training step",
+                f"validation {primary}",
+                f"{task.title}: validation {primary} vs step",
+            ),
+        ),
+        (
+            f"{task.title}: validation {primary} vs training time",
+            f"{stem}_validation_vs_time.png",
+            lambda p: _curve_plot(
+                task,
+                colors,
+                p,
+                lambda r: _eval_curve(
+                    r, "train_seconds", lambda e: (e.get("validation") or {}).get(primary)
+                ),
+                "training time (s)",
+                f"validation {primary}",
+                f"{task.title}: validation {primary} vs training time",
+                vline=vline,
+            ),
+        ),
+        (
+            f"{task.title}: training loss vs step",
+            f"{stem}_train_loss.png",
+            lambda p: _curve_plot(
+                task,
+                colors,
+                p,
+                _loss_curve,
+                "training step",
+                "training loss (R-Drop: incl. consistency)",
+                f"{task.title}: training loss",
+            ),
+        ),
+        (
+            f"{task.title}: dropout consistency (probe KL) vs step",
+            f"{stem}_probe_kl.png",
+            lambda p: _curve_plot(
+                task,
+                colors,
+                p,
+                lambda r: _eval_curve(r, "step", lambda e: e.get("probe_kl")),
+                "training step",
+                "probe KL (two dropout passes)",
+                f"{task.title}: consistency of two dropout passes",
+                log_y=True,
+            ),
+        ),
+        (
+            f"{task.title}: α-sensitivity",
+            f"{stem}_alpha_sensitivity.png",
+            lambda p: _alpha_plot(task, colors, p),
+        ),
+    ]
+    written = []
+    for caption, filename, draw in specs:
+        if draw(plots_dir / filename):
+            written.append((caption, f"{plots_dir.name}/{filename}"))
+    return written
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
+    """Write ``REPORT.md`` and ``plots/*.png`` for the finished runs in ``results_dir``.
+
+    Args:
+        results_dir: folder holding ``runs/*.json`` (see :func:`load_records`).
+        out_dir: where to write; defaults to ``results_dir``. Plots go to ``out_dir/plots``
+            and are linked from the report with relative paths.
+
+    Returns:
+        The path of the written ``REPORT.md``.
+
+    Raises:
+        FileNotFoundError: if ``results_dir/runs`` does not exist.
+    """
+    results_dir = Path(results_dir)
+    out_dir = results_dir if out_dir is None else Path(out_dir)
+    records = load_records(results_dir)
+    tasks = _group_tasks(records)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots_dir = out_dir / "plots"
+    colors = _color_map(records)
+
+    lines = ["# R-Drop experiment report", ""]
+    if not tasks:
+        lines += [f"No finished runs in `{results_dir / 'runs'}`."]
+    else:
+        lines += ["## Summary", ""]
+        lines += [f"- {_verdict_line(task)}" for task in tasks]
+        lines += [""]
+        lines += _protocol_section(tasks)
+        lines += [""]
+        lines += _environment_section(records)
+        for task in tasks:
+            lines += [""]
+            lines += _task_section(task, _task_plots(task, colors, plots_dir))
+    report = out_dir / "REPORT.md"
+    temporary = report.with_name(report.name + ".tmp")
+    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    temporary.replace(report)
+    return report

@@ -1,0 +1,394 @@
+"""Train one run, select checkpoints on validation, score the held-out test split once.
+
+Protocol (the same for every method):
+
+1. Seed everything with the run's seed; the training subsample and the splits depend only
+   on ``data_seed``, so every method and seed sees the same data.
+2. AdamW, linear warm-up over ``warmup_ratio`` of the planned steps, then a constant
+   learning rate (so a run that trains longer is the same run continued, which the
+   equal-time comparison needs).
+3. Evaluate on validation ``evals_per_epoch`` times per epoch (and at the end of the epoch
+   budget); at each evaluation also record the training loss and the probe: the symmetric
+   KL between two dropout passes on a fixed batch of training examples (for every method,
+   since the authors' check is that it grows without R-Drop).
+4. Two budgets. *Equal epochs*: the best validation checkpoint within ``epochs`` epochs.
+   *Equal wall-clock time*: methods other than R-Drop keep training until they have used
+   as many training seconds as R-Drop needed for ``epochs`` epochs on the same task (the
+   median over finished R-Drop runs; at most ``max_time_factor`` times the planned steps),
+   and the best validation checkpoint within that time is selected.
+5. The test split is scored once per selected checkpoint. It is never used for selection.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import rdrop
+from rdrop.experiments import metrics
+from rdrop.experiments.config import RunConfig
+from rdrop.experiments.methods import get_method
+from rdrop.experiments.progress import Progress
+from rdrop.experiments.store import ResultStore, environment
+from rdrop.experiments.tasks import Example, Task, get_task
+
+__all__ = ["evaluate", "run_suite", "train_run", "time_budget_for", "estimate_units"]
+
+State = dict[str, torch.Tensor]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _batches(examples: Sequence[Example], size: int) -> list[Sequence[Example]]:
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    examples: Sequence[Example],
+    collate: Callable[..., Any],
+    task: Task,
+    batch_size: int,
+) -> dict[str, float]:
+    """Task metrics of ``model`` (in eval mode, one pass) on ``examples``."""
+    was_training = model.training
+    model.eval()
+    predictions, labels = [], []
+    for batch in _batches(examples, batch_size):
+        inputs, target = collate(batch)
+        output = model(**inputs)
+        logits = output if isinstance(output, torch.Tensor) else output.logits
+        predictions.append(task.predictions(logits))
+        labels.append(target.numpy())
+    model.train(was_training)
+    return metrics.compute(task.metrics, np.concatenate(predictions), np.concatenate(labels))
+
+
+def _same_budget(a: dict[str, Any], b: RunConfig) -> bool:
+    keys = (
+        "task",
+        "epochs",
+        "train_size",
+        "batch_size",
+        "max_length",
+        "dropout",
+        "data_seed",
+        "lr",
+    )
+    return all(a.get(k) == getattr(b, k) for k in keys)
+
+
+def time_budget_for(config: RunConfig, store: ResultStore) -> float | None:
+    """Median training seconds of finished R-Drop runs with the same data and epoch budget."""
+    times = [
+        record["train_seconds"]
+        for record in store.records()
+        if record.get("config", {}).get("method") == "rdrop"
+        and _same_budget(record.get("config", {}), config)
+    ]
+    return statistics.median(times) if times else None
+
+
+def _planned_steps(config: RunConfig, train_examples: int) -> tuple[int, int]:
+    steps_per_epoch = math.ceil(train_examples / config.batch_size)
+    return steps_per_epoch, max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
+def estimate_units(config: RunConfig, train_examples: int | None = None) -> float:
+    """Rough cost of a run in baseline-step units (for the suite's ETA)."""
+    n = train_examples if train_examples is not None else (config.train_size or 1000)
+    _, steps = _planned_steps(config, n)
+    if config.method in ("rdrop", "doubled_batch"):
+        return 2.0 * steps
+    return 2.0 * steps if config.equal_time else float(steps)
+
+
+def _best_index(evals: list[dict[str, Any]], indices: list[int], primary: str, higher: bool) -> int:
+    best = indices[0]
+    for i in indices[1:]:
+        value, current = evals[i]["validation"][primary], evals[best]["validation"][primary]
+        if (value > current) if higher else (value < current):
+            best = i
+    return best
+
+
+def _clone_state(model: nn.Module) -> State:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_run(
+    config: RunConfig,
+    store: ResultStore,
+    *,
+    data_dir: Path,
+    command: str = "",
+    progress: Progress | None = None,
+    units: float = 0.0,
+    checkpoint_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Train one run to completion and write its record; returns the record."""
+    task = get_task(config.task)
+    method = get_method(config.method)
+    if method.uses_alpha and config.alpha is None:
+        raise ValueError(f"run {config.run_id()}: method {config.method!r} needs an alpha")
+    started = datetime.now(timezone.utc)
+    wall_start = time.perf_counter()
+    data = task.load(
+        data_dir, config.train_size, config.validation_size, config.data_seed, config.test_size
+    )
+    steps_per_epoch, planned = _planned_steps(config, len(data.train))
+    time_budget = None
+    if config.equal_time and config.method != "rdrop":
+        time_budget = time_budget_for(config, store)
+    max_steps = planned if time_budget is None else math.ceil(planned * config.max_time_factor)
+    eval_interval = max(1, steps_per_epoch // config.evals_per_epoch)
+
+    _seed_everything(config.seed)
+    model, collate = task.build(dropout=config.dropout, max_length=config.max_length)
+    module = method.prepare(model, task, config)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    warmup = max(1, int(config.warmup_ratio * planned))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    order_rng = torch.Generator().manual_seed(config.seed)
+    probe_inputs, _ = collate(data.train[: config.probe_size])
+    probe_kind = "mse" if task.kind == "regression" else "kl"
+
+    evals: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []
+    snapshots: dict[int, State] = {}
+    best_all: int | None = None
+    best_epochs: int | None = None
+    train_seconds = 0.0
+    window: list[tuple[float, float, float | None]] = []
+    curve_every = max(1, eval_interval // 4)
+    step = 0
+    consumed = 0.0
+    epoch_order: list[int] = []
+    module.train()
+    status = f"{task.name} {method.label}" + (f" α={config.alpha:g}" if method.uses_alpha else "")
+    status += f" seed {config.seed}"
+
+    def do_eval() -> None:
+        nonlocal best_all, best_epochs
+        validation = evaluate(model, data.validation, collate, task, config.eval_batch_size)
+        probe = rdrop.dropout_consistency(model, **probe_inputs, kind=probe_kind)
+        model.train()
+        recent = [w for w in window]
+        evals.append(
+            {
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "train_seconds": train_seconds,
+                "train_loss": float(np.mean([w[0] for w in recent])) if recent else None,
+                "task_loss": float(np.mean([w[1] for w in recent])) if recent else None,
+                "consistency_loss": (
+                    float(np.mean([w[2] for w in recent]))
+                    if recent and recent[0][2] is not None
+                    else None
+                ),
+                "probe_kl": probe.consistency,
+                "validation": validation,
+            }
+        )
+        window.clear()
+        index = len(evals) - 1
+        primary, higher = task.primary_metric, task.higher_is_better
+        if (
+            best_all is None
+            or (_best_index(evals, [best_all, index], primary, higher) == index
+            and index != best_all)
+        ):
+            best_all = index
+            snapshots[index] = _clone_state(model)
+        if step <= planned:
+            best_epochs = best_all
+        for key in list(snapshots):
+            if key not in (best_all, best_epochs):
+                del snapshots[key]
+
+    while True:
+        if not epoch_order:
+            epoch_order = torch.randperm(len(data.train), generator=order_rng).tolist()
+        batch_indices, epoch_order = (
+            epoch_order[: config.batch_size],
+            epoch_order[config.batch_size :],
+        )
+        inputs, target = collate([data.train[i] for i in batch_indices])
+        tick = time.perf_counter()
+        out = method.step(module, inputs, target, task)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        train_seconds += time.perf_counter() - tick
+        step += 1
+        consistency = None if out.consistency_loss is None else float(out.consistency_loss.detach())
+        loss_value, task_value = float(out.loss.detach()), float(out.task_loss.detach())
+        window.append((loss_value, task_value, consistency))
+        if step % curve_every == 0:
+            curve.append(
+                {
+                    "step": step,
+                    "train_seconds": train_seconds,
+                    "loss": loss_value,
+                    "task_loss": task_value,
+                    "consistency_loss": consistency,
+                }
+            )
+        finished = step >= planned and (
+            time_budget is None or train_seconds >= time_budget or step >= max_steps
+        )
+        if step % eval_interval == 0 or step == planned or finished:
+            do_eval()
+        if progress is not None:
+            expected = max_steps if time_budget is not None else planned
+            share = min(units / max(expected, 1), units - consumed)
+            consumed += share
+            progress.advance(share, f"{status} | step {step}/{expected}")
+        if finished:
+            break
+
+    if progress is not None and units > consumed:
+        progress.advance(units - consumed)
+
+    # -- selections and the single test evaluation per selected checkpoint -------------
+    in_epochs = [i for i, e in enumerate(evals) if e["step"] <= planned]
+    selections: dict[str, Any] = {}
+    primary, higher = task.primary_metric, task.higher_is_better
+    chosen = {"equal_epochs": _best_index(evals, in_epochs, primary, higher)}
+    if config.method == "rdrop":
+        chosen["equal_time"] = chosen["equal_epochs"]
+    elif time_budget is not None:
+        chosen["equal_time"] = _best_index(evals, list(range(len(evals))), primary, higher)
+    test_scores: dict[int, dict[str, float]] = {}
+    for budget, index in chosen.items():
+        if index not in test_scores:
+            model.load_state_dict(snapshots[index])
+            test_scores[index] = evaluate(model, data.test, collate, task, config.eval_batch_size)
+            if checkpoint_dir is not None and budget == "equal_epochs":
+                _save_checkpoint(model, checkpoint_dir / f"{config.run_id()}.safetensors")
+        e = evals[index]
+        selections[budget] = {
+            "eval_index": index,
+            "step": e["step"],
+            "epoch": e["epoch"],
+            "train_seconds": e["train_seconds"],
+            "validation": e["validation"],
+            "test": test_scores[index],
+        }
+    selections.setdefault("equal_time", None)
+
+    record = {
+        "schema": 1,
+        "run_id": config.run_id(),
+        "command": command,
+        "config": config.to_dict(),
+        "task": {**task.describe(), **data.info},
+        "evals": evals,
+        "train_curve": curve,
+        "steps": step,
+        "planned_steps": planned,
+        "epochs_run": step / steps_per_epoch,
+        "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / step,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "time_budget_seconds": time_budget,
+        "time_budget_reached": None if time_budget is None else train_seconds >= time_budget,
+        "selections": selections,
+        "environment": environment(),
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    store.write(record)
+    return record
+
+
+def _save_checkpoint(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path))
+
+
+def _order(runs: Sequence[RunConfig]) -> list[RunConfig]:
+    """R-Drop runs of a task before the other methods (they set the equal-time budget)."""
+    tasks = list(dict.fromkeys(r.task for r in runs))
+    ordered: list[RunConfig] = []
+    for task in tasks:
+        of_task = [r for r in runs if r.task == task]
+        ordered += [r for r in of_task if r.method == "rdrop"]
+        ordered += [r for r in of_task if r.method != "rdrop"]
+    return ordered
+
+
+def run_suite(
+    runs: Sequence[RunConfig],
+    store: ResultStore,
+    *,
+    data_dir: Path,
+    command: str = "",
+    progress_stream: Any = None,
+    checkpoint_dir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Run every config not yet finished in ``store``; returns all their records."""
+    ordered = _order(runs)
+    seen: set[str] = set()
+    unique = []
+    for config in ordered:
+        if config.run_id() not in seen:
+            seen.add(config.run_id())
+            unique.append(config)
+    finished = [c for c in unique if store.has(c.run_id())]
+    pending = [c for c in unique if not store.has(c.run_id())]
+    units = {c.run_id(): estimate_units(c) for c in pending}
+    progress = Progress(sum(units.values()) or 1.0, stream=progress_stream)
+    if finished:
+        progress.message(
+            f"skipping {len(finished)} finished run(s) already in {store.runs_dir} "
+            f"(delete their files or use another --results-dir to re-run them)"
+        )
+    for number, config in enumerate(pending, start=1):
+        progress.set_status(f"run {number}/{len(pending)} {config.run_id()}")
+        record = train_run(
+            config,
+            store,
+            data_dir=data_dir,
+            command=command,
+            progress=progress,
+            units=units[config.run_id()],
+            checkpoint_dir=checkpoint_dir,
+        )
+        selection = record["selections"]["equal_epochs"]
+        task = get_task(config.task)
+        progress.message(
+            f"finished {config.run_id()}: {record['steps']} steps, "
+            f"{record['train_seconds']:.0f} s training; test {task.primary_metric} "
+            f"{selection['test'][task.primary_metric]:.4f} (selected at step {selection['step']})"
+        )
+    progress.close()
+    return [r for c in unique if (r := store.load(c.run_id())) is not None]
+
+
+def with_overrides(config: RunConfig, **changes: Any) -> RunConfig:
+    """A copy of ``config`` with fields changed (validated again)."""
+    return replace(config, **changes)

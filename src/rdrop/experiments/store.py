@@ -1,0 +1,106 @@
+"""Where finished runs live: one JSON file per run, written atomically.
+
+A run's record is written once, when the run has finished, to a temporary file in the same
+folder, flushed to disk and renamed over the final name (``os.replace`` is atomic on POSIX
+and Windows). A program killed at any moment therefore leaves either no record or a
+complete one: it loses at most the run in progress, and re-running the same command skips
+every run whose record exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ResultStore", "environment"]
+
+
+class ResultStore:
+    """Finished-run records under ``<results_dir>/runs/<run_id>.json``."""
+
+    def __init__(self, results_dir: Path | str) -> None:
+        self.results_dir = Path(results_dir)
+        self.runs_dir = self.results_dir / "runs"
+
+    def path(self, run_id: str) -> Path:
+        return self.runs_dir / f"{run_id}.json"
+
+    def has(self, run_id: str) -> bool:
+        return self.load(run_id) is not None
+
+    def load(self, run_id: str) -> dict[str, Any] | None:
+        path = self.path(run_id)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            warnings.warn(f"ignoring unreadable run record {path}: {error}", stacklevel=2)
+            return None
+        return record if isinstance(record, dict) and record.get("run_id") == run_id else None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every readable finished record (partial ``.tmp`` files are never read)."""
+        if not self.runs_dir.is_dir():
+            return []
+        found = []
+        for path in sorted(self.runs_dir.glob("*.json")):
+            record = self.load(path.stem)
+            if record is not None:
+                found.append(record)
+        return found
+
+    def write(self, record: dict[str, Any]) -> Path:
+        """Atomically write ``record`` (which must carry ``run_id``)."""
+        run_id = record["run_id"]
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        final = self.path(run_id)
+        handle, temp_name = tempfile.mkstemp(prefix=f".{run_id}.", suffix=".tmp", dir=self.runs_dir)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump(record, stream, indent=1, sort_keys=True, allow_nan=True)
+                stream.write("\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temp_name, final)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+        return final
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Package versions and hardware, stored with every run."""
+    import torch
+
+    import rdrop
+
+    versions: dict[str, Any] = {
+        "rdrop": rdrop.__version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    for name in ("transformers", "numpy"):
+        module = sys.modules.get(name)
+        versions[name] = getattr(module, "__version__", None) if module else None
+    return versions

