@@ -1,4 +1,4 @@
-# ruff: noqa: RUF001  (labels contain α and ×)
+
 """rdrop.experiments.report on small synthetic run records."""
 
 from __future__ import annotations

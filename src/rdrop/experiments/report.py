@@ -1,4 +1,3 @@
-# ruff: noqa: RUF001  (the report deliberately writes α and ×)
 """Turn finished run records into ``REPORT.md`` and plots.
 
 Reads ``<results_dir>/runs/*.json`` (one record per finished run, written by the runner),
