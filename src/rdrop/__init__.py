@@ -21,6 +21,7 @@ from rdrop.functional import (
     symmetric_kl,
     symmetric_kl_reference,
 )
+from rdrop.fused import rdrop_cross_entropy, rdrop_linear_cross_entropy
 from rdrop.losses import ConsistencyLoss, RDropLoss, RDropOutput, rdrop_loss, task_loss
 from rdrop.probe import ProbeResult, dropout_consistency
 from rdrop.schedules import LinearWarmup, linear_warmup
@@ -43,6 +44,8 @@ __all__ = [
     "RDropLoss",
     "ConsistencyLoss",
     "RDropOutput",
+    "rdrop_cross_entropy",
+    "rdrop_linear_cross_entropy",
     # wrapper
     "RDrop",
     "RDropWarning",

@@ -1,4 +1,3 @@
-
 """rdrop.experiments.report on small synthetic run records."""
 
 from __future__ import annotations

@@ -58,10 +58,12 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return path
 
 
-def _threads() -> None:
+def _threads(count: int | None = None) -> None:
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if count is not None and count < 1:
+        raise ValueError(f"--threads must be >= 1, got {count}")
+    torch.set_num_threads(count or max(1, os.cpu_count() or 1))
 
 
 def _finish(results_dir: Path, out: Any) -> None:
@@ -117,7 +119,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _execute(runs: list[RunConfig], args: argparse.Namespace, argv: Sequence[str]) -> int:
     from rdrop.experiments.runner import run_suite
 
-    _threads()
+    _threads(args.threads)
     results_dir = Path(args.results_dir)
     store = ResultStore(results_dir)
     checkpoints = results_dir / "checkpoints" if args.save_checkpoints else None
@@ -141,11 +143,17 @@ def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     if args.results_dir is None:
         args.results_dir = str(Path("runs") / suite.name)
+    runs = list(suite.runs)
+    if args.tasks:
+        unknown = sorted(set(args.tasks) - {r.task for r in runs})
+        if unknown:
+            raise ConfigError(f"--tasks: {unknown} not in the suite's tasks")
+        runs = [r for r in runs if r.task in args.tasks]
     if args.dry_run:
-        for run in suite.runs:
+        for run in runs:
             print(run.run_id())
         return 0
-    return _execute(list(suite.runs), args, argv)
+    return _execute(runs, args, argv)
 
 
 def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -225,6 +233,9 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="save each run's selected model (safetensors)",
         )
+        p.add_argument(
+            "--threads", type=int, default=None, help="torch threads (default: all CPU cores)"
+        )
 
     demo = sub.add_parser(
         "demo", help="baseline vs R-Drop on real data, about ten minutes on 2 CPU cores"
@@ -262,6 +273,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a suite file (TOML/YAML); resumable")
     sweep.add_argument("config")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    sweep.add_argument(
+        "--tasks", nargs="+", default=None, help="run only these tasks of the suite (a chunk)"
+    )
     common(sweep, None)
     sweep.set_defaults(handler=cmd_sweep)
 

@@ -211,10 +211,8 @@ def train_run(
         window.clear()
         index = len(evals) - 1
         primary, higher = task.primary_metric, task.higher_is_better
-        if (
-            best_all is None
-            or (_best_index(evals, [best_all, index], primary, higher) == index
-            and index != best_all)
+        if best_all is None or (
+            _best_index(evals, [best_all, index], primary, higher) == index and index != best_all
         ):
             best_all = index
             snapshots[index] = _clone_state(model)
@@ -368,6 +366,10 @@ def run_suite(
             f"(delete their files or use another --results-dir to re-run them)"
         )
     for number, config in enumerate(pending, start=1):
+        if store.has(config.run_id()):  # finished meanwhile by another process on this folder
+            progress.message(f"skipping {config.run_id()}: finished by another process")
+            progress.advance(units[config.run_id()])
+            continue
         progress.set_status(f"run {number}/{len(pending)} {config.run_id()}")
         record = train_run(
             config,
