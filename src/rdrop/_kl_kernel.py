@@ -152,7 +152,8 @@ class ChunkMath:
             coef_a = coef_a + wce[0]
             coef_b = coef_b + wce[1]
         wc = w.unsqueeze(1)
-        d.mul_(wc)
+        # Rows out of the KL (w = 0) must not turn a one-sided -inf into 0 * inf = NaN.
+        d.mul_(wc).masked_fill_(wc == 0, 0.0)
         if repair:
             d.nan_to_num_(nan=0.0, posinf=_INF, neginf=-_INF)
         num_classes = p.shape[-1]

@@ -181,7 +181,7 @@ def symmetric_kl(
             holds more than a chunk of probability temporaries and recomputes in backward;
             ``"reference"`` is the plain autograd graph (supports double backward);
             ``"auto"`` (default) picks ``"chunked"`` for inputs of at least 2**18 logits.
-        chunk_size: rows per chunk for the chunked kernel (default: about 2**20 logits a
+        chunk_size: rows per chunk for the chunked kernel (default: about 2**18 logits a
             chunk).
 
     Returns:

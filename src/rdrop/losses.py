@@ -116,9 +116,12 @@ def _builtin_task_loss(
     if task == "cross_entropy":
         valid = _check_class_target(logits.shape, target, ignore_index)
         num_classes = logits.shape[-1]
+        flat = logits.reshape(-1, num_classes).to(dtype)
+        # Ignored rows may hold anything (NaN included): keep them out of the graph.
+        flat = torch.where(valid.reshape(-1, 1), flat, flat.new_zeros(()))
         total = F.cross_entropy(
-            logits.reshape(-1, num_classes).to(dtype),
-            target.reshape(-1),
+            flat,
+            target.reshape(-1).long(),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             reduction="sum",
@@ -233,6 +236,7 @@ def _consistency_mask(
             f"class dimension, {tuple(passes[0].shape[:-1])}"
         )
     keep = target != ignore_index
+    _check_mask(mask, passes[0].shape[:-1], "the logits' shape without the last dimension")
     return keep if mask is None else mask & keep
 
 
@@ -307,6 +311,9 @@ def _concatenated_base(a: Tensor, b: Tensor) -> Tensor | None:
         return None
     if base.requires_grad != (a.requires_grad or b.requires_grad):
         return None
+    # Halves sliced under no_grad keep requires_grad but have no graph: not real views.
+    if base.requires_grad and (a.grad_fn is None or b.grad_fn is None):
+        return None
     return base
 
 
@@ -379,7 +386,8 @@ def rdrop_loss(
         ignore_index: target value excluded from the task loss *and* from the consistency
             term (cross-entropy only).
         label_smoothing: applied to the task loss only, never to the consistency term.
-        mask: optional boolean item mask (``True`` = keep), combined with ``ignore_index``.
+        mask: optional boolean item mask (``True`` = keep) for the consistency term only
+            (combined there with ``ignore_index``); the task loss uses ``ignore_index``.
         task_passes: average the task loss over the first ``task_passes`` passes only
             (default: all). The stop-gradient variant uses 1.
         check_finite: raise a ``ValueError`` naming the component when the loss is not
@@ -407,6 +415,16 @@ def rdrop_loss(
         task_passes = len(passes)
     if not 1 <= task_passes <= len(passes):
         raise ValueError(f"task_passes must be in [1, {len(passes)}], got {task_passes}")
+    if (
+        kind == "kl"
+        and isinstance(passes[0], Tensor)
+        and passes[0].ndim > 0
+        and passes[0].shape[-1] == 1
+    ):
+        raise ValueError(
+            "consistency='kl' on outputs with a single class (last dimension 1) is always 0: "
+            "use consistency='mse' for regression or 'bernoulli_kl' for a sigmoid output"
+        )
 
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(

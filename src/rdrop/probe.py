@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from rdrop._batch import LogitsGetter, extract_logits, find_batch_size, repeat_batch
 from rdrop._dropout import active_dropout_modules
@@ -84,6 +85,11 @@ def dropout_consistency(
     try:
         with torch.random.fork_rng(devices=devices):
             model.train()
+            # Dropout on, but layers with running statistics stay frozen: the probe must
+            # not change the model (BatchNorm would update its running mean otherwise).
+            for module in model.modules():
+                if isinstance(module, _NormBase) and module.track_running_stats:
+                    module.eval()
             active = tuple(active_dropout_modules(model))
             for _ in range(repeats):
                 output = model(

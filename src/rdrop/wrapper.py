@@ -75,7 +75,9 @@ class RDrop(nn.Module):
             for that pass (the paper's unequal-rates ablation); needs ``mode="sequential"``.
         stop_gradient: run passes 2..m under ``torch.no_grad()`` and use them only as the
             consistency target; the task loss is pass 1's. Cheaper (no backward through
-            the extra passes). **Not in the paper.**
+            the extra passes). It always runs separate forwards (whatever ``mode``), so
+            like ``mode="sequential"`` it is not DDP-safe with
+            ``find_unused_parameters=True``. **Not in the paper.**
         logits_key: where the logits are in the model output: ``None`` (auto: a tensor,
             ``output["logits"]``, ``output.logits`` or ``output[0]``), a key or attribute
             name, a tuple index, or a callable.
@@ -312,7 +314,7 @@ class RDrop(nn.Module):
                     "Enable dropout (e.g. hidden_dropout_prob in a Hugging Face config); if "
                     "the model uses functional F.dropout, pass warn=False",
                 )
-        if self.mode == "concat" and "batchnorm" not in self._warned:
+        if self.mode == "concat" and not self.stop_gradient and "batchnorm" not in self._warned:
             names = training_batchnorm_modules(self.model)
             if names:
                 self._warn_once(

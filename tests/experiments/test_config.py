@@ -91,7 +91,7 @@ def test_expands_runs_with_paper_alpha_and_overrides() -> None:
                 "suite": {"tasks": ["sst2"], "methods": ["rdrop"], "seeds": [0]},
                 "train": {"lr": -1.0},
             },
-            "lr must be > 0",
+            "lr must be a finite number > 0",
         ),
         (
             {

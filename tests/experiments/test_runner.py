@@ -92,6 +92,22 @@ def test_baseline_gets_the_rdrop_time_budget(tmp_path: Path) -> None:
     assert baseline["steps"] >= baseline["planned_steps"]
     if baseline["time_budget_reached"]:
         assert baseline["train_seconds"] >= baseline["time_budget_seconds"]
+    # selected among the evaluations up to the one that reached the budget
+    cut = next(
+        (e for e in baseline["evals"] if e["train_seconds"] >= baseline["time_budget_seconds"]),
+        baseline["evals"][-1],
+    )
+    assert baseline["selections"]["equal_time"]["step"] <= cut["step"]
+
+
+def test_doubled_batch_equal_time_is_its_equal_epochs_model(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    records = run_suite(
+        [tiny("sst2", "rdrop"), tiny("sst2", "doubled_batch")], store, data_dir=DATA, command="t"
+    )
+    doubled = next(r for r in records if r["config"]["method"] == "doubled_batch")
+    assert doubled["time_budget_seconds"] is None and doubled["steps"] == doubled["planned_steps"]
+    assert doubled["selections"]["equal_time"] == doubled["selections"]["equal_epochs"]
 
 
 def test_rerun_skips_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -96,6 +96,10 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             overrides[key] = value
     if args.train_size_all:
         overrides["train_size"] = None
+    if args.alpha and not any(METHODS[m].uses_alpha for m in args.method):
+        raise ConfigError(
+            f"--alpha is only used by rdrop; --method {' '.join(args.method)} ignores it"
+        )
     runs = []
     for method in args.method:
         alphas: list[float | None] = [None]
@@ -185,6 +189,8 @@ def cmd_probe(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import rdrop
 
     _threads()
+    if args.batches < 1 or args.batch_size < 1:
+        raise ConfigError("--batches and --batch-size must be >= 1")
     task = get_task(args.task)
     data = task.load(_data_dir(args), None, None, 0)
     torch.manual_seed(args.seed)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ class RunConfig:
     max_time_factor: float = 3.0
     paper_alpha: float | None = None
     data_seed: int = 0
+    #: Free-form labels recorded with the run (part of its identity; the runner ignores them).
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,8 +84,8 @@ class RunConfig:
             "max_time_factor": self.max_time_factor,
         }
         for key, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{key} must be > 0, got {value!r}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{key} must be a finite number > 0, got {value!r}")
         for key in ("train_size", "validation_size", "test_size"):
             value = getattr(self, key)
             if value is not None and value < 2:
@@ -94,8 +96,10 @@ class RunConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1) or null, got {self.dropout!r}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ConfigError("weight_decay and max_grad_norm must be >= 0")
+        for key in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, key)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +155,8 @@ def validate_run_overrides(values: dict[str, Any], where: str) -> dict[str, Any]
     for key, value in values.items():
         if key in ("task", "method", "seed", "alpha"):
             raise ConfigError(f"[{where}] {key!r} is set by [suite] (tasks/methods/seeds/alphas)")
+        if key == "paper_alpha":
+            raise ConfigError(f"[{where}] 'paper_alpha' is set by the task, not by a config")
         if key not in _RUN_FIELDS:
             known = ", ".join(sorted(k for k in _RUN_FIELDS if k not in ("task", "method")))
             raise ConfigError(f"[{where}] unknown key {key!r}; known keys: {known}")

@@ -70,6 +70,7 @@ N_BOOTSTRAP = 10000
 BOOTSTRAP_SEED = 0
 
 # Config fields that are expected to vary between the runs of one task.
+_COSTS_LIKE_RDROP = {"rdrop", "doubled_batch"}
 _GROUPING_FIELDS = {"task", "method", "alpha", "seed", "paper_alpha"}
 
 
@@ -229,8 +230,9 @@ def _order_key(method: str, alpha: float | None) -> tuple[Any, ...]:
 def _selection(record: Record, budget: str) -> dict[str, Any] | None:
     selections = record.get("selections") or {}
     selected = selections.get(budget)
-    if selected is None and budget == "equal_time" and _method(record) == "rdrop":
-        # R-Drop sets the time budget: its equal-time model is its equal-epochs model.
+    if budget == "equal_time" and _method(record) in _COSTS_LIKE_RDROP:
+        # R-Drop sets the time budget, and the doubled batch costs the same per step: their
+        # equal-time model is their equal-epochs model.
         selected = selections.get("equal_epochs")
     return selected if isinstance(selected, dict) else None
 
@@ -650,6 +652,9 @@ def _protocol_section(tasks: Sequence[_Task]) -> list[str]:
             v for r in task.records if (v := _finite(r.get("time_budget_seconds"))) is not None
         ]
         budget = f"{mean_std(budgets)[0]:.1f} s" if budgets else "—"
+        capped = [r for r in task.records if r.get("time_budget_reached") is False]
+        if capped:
+            budget += f" (not reached by {len(capped)} run(s): max_time_factor cap)"
         n_seeds = len(task.seeds)
         fewer = [f"{g.label}: {len(g.records)}" for g in task.groups if len(g.records) < n_seeds]
         seeds = f"{n_seeds}" + (f" (fewer for {'; '.join(fewer)})" if fewer else "")
@@ -681,8 +686,10 @@ def _protocol_section(tasks: Sequence[_Task]) -> list[str]:
         "With few seeds the bootstrap interval is too narrow; the verdict uses the t-interval.",
         "- **Two budgets**: *equal epochs* (every method trains for the same number of epochs) "
         "and *equal wall-clock time* (the baseline continues training until it has used the "
-        "R-Drop run's training time, `time_budget_seconds`, and is selected on validation "
-        "within that time; R-Drop's equal-time model is its equal-epochs model).",
+        "median training time of the R-Drop runs, `time_budget_seconds`, is evaluated when it "
+        "reaches it and is selected on validation among the evaluations up to that point; "
+        "R-Drop and the doubled batch cost the same per step, so their equal-time model is "
+        "their equal-epochs model).",
         "- **Verdict**: R-Drop at the paper's α for the task if it was run, else the α with the "
         "best mean *validation* metric (never chosen by test); R-Drop or the baseline is "
         "called better only when the 95% t-interval of the paired difference excludes 0.",

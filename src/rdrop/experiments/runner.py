@@ -12,10 +12,12 @@ Protocol (the same for every method):
    KL between two dropout passes on a fixed batch of training examples (for every method,
    since the authors' check is that it grows without R-Drop).
 4. Two budgets. *Equal epochs*: the best validation checkpoint within ``epochs`` epochs.
-   *Equal wall-clock time*: methods other than R-Drop keep training until they have used
-   as many training seconds as R-Drop needed for ``epochs`` epochs on the same task (the
-   median over finished R-Drop runs; at most ``max_time_factor`` times the planned steps),
-   and the best validation checkpoint within that time is selected.
+   *Equal wall-clock time*: methods cheaper per step than R-Drop (the baseline) keep
+   training until they have used as many training seconds as R-Drop needed for ``epochs``
+   epochs on the same task (the median over finished R-Drop runs with the same thread
+   count; at most ``max_time_factor`` times the planned steps), are evaluated when they
+   reach it, and the best validation checkpoint within that time is selected. Methods that
+   cost what R-Drop costs (``doubled_batch``) use their equal-epochs checkpoint.
 5. The test split is scored once per selected checkpoint. It is never used for selection.
 """
 
@@ -95,12 +97,15 @@ def _same_budget(a: dict[str, Any], b: RunConfig) -> bool:
 
 
 def time_budget_for(config: RunConfig, store: ResultStore) -> float | None:
-    """Median training seconds of finished R-Drop runs with the same data and epoch budget."""
+    """Median training seconds of finished R-Drop runs with the same data and epoch budget,
+    measured with the same number of torch threads as this process uses."""
+    threads = torch.get_num_threads()
     times = [
         record["train_seconds"]
         for record in store.records()
         if record.get("config", {}).get("method") == "rdrop"
         and _same_budget(record.get("config", {}), config)
+        and record.get("environment", {}).get("torch_threads") == threads
     ]
     return statistics.median(times) if times else None
 
@@ -154,7 +159,7 @@ def train_run(
     )
     steps_per_epoch, planned = _planned_steps(config, len(data.train))
     time_budget = None
-    if config.equal_time and config.method != "rdrop":
+    if config.equal_time and not method.costs_like_rdrop:
         time_budget = time_budget_for(config, store)
     max_steps = planned if time_budget is None else math.ceil(planned * config.max_time_factor)
     eval_interval = max(1, steps_per_epoch // config.evals_per_epoch)
@@ -176,6 +181,8 @@ def train_run(
     snapshots: dict[int, State] = {}
     best_all: int | None = None
     best_epochs: int | None = None
+    best_time: int | None = None
+    time_cut: int | None = None  # the evaluation at which the time budget was reached
     train_seconds = 0.0
     window: list[tuple[float, float, float | None]] = []
     curve_every = max(1, eval_interval // 4)
@@ -187,7 +194,7 @@ def train_run(
     status += f" seed {config.seed}"
 
     def do_eval() -> None:
-        nonlocal best_all, best_epochs
+        nonlocal best_all, best_epochs, best_time, time_cut
         validation = evaluate(model, data.validation, collate, task, config.eval_batch_size)
         probe = rdrop.dropout_consistency(model, **probe_inputs, kind=probe_kind)
         model.train()
@@ -218,8 +225,12 @@ def train_run(
             snapshots[index] = _clone_state(model)
         if step <= planned:
             best_epochs = best_all
+        if time_cut is None:
+            best_time = best_all
+            if time_budget is not None and train_seconds >= time_budget:
+                time_cut = index
         for key in list(snapshots):
-            if key not in (best_all, best_epochs):
+            if key not in (best_all, best_epochs, best_time):
                 del snapshots[key]
 
     while True:
@@ -256,7 +267,10 @@ def train_run(
         finished = step >= planned and (
             time_budget is None or train_seconds >= time_budget or step >= max_steps
         )
-        if step % eval_interval == 0 or step == planned or finished:
+        budget_crossed = (
+            time_budget is not None and time_cut is None and train_seconds >= time_budget
+        )
+        if step % eval_interval == 0 or step == planned or finished or budget_crossed:
             do_eval()
         if progress is not None:
             expected = max_steps if time_budget is not None else planned
@@ -274,10 +288,15 @@ def train_run(
     selections: dict[str, Any] = {}
     primary, higher = task.primary_metric, task.higher_is_better
     chosen = {"equal_epochs": _best_index(evals, in_epochs, primary, higher)}
-    if config.method == "rdrop":
+    if method.costs_like_rdrop:
+        # Same compute per step as R-Drop: equal epochs is equal time.
         chosen["equal_time"] = chosen["equal_epochs"]
     elif time_budget is not None:
-        chosen["equal_time"] = _best_index(evals, list(range(len(evals))), primary, higher)
+        # Within the budget: evaluations up to the one where the budget was reached (all of
+        # them when the max_time_factor cap stopped training first; time_budget_reached
+        # then says so).
+        last = time_cut if time_cut is not None else len(evals) - 1
+        chosen["equal_time"] = _best_index(evals, list(range(last + 1)), primary, higher)
     test_scores: dict[int, dict[str, float]] = {}
     for budget, index in chosen.items():
         if index not in test_scores:

@@ -34,6 +34,9 @@ class Method(ABC):
     name: str
     label: str
     uses_alpha: bool = False
+    #: One step costs what an R-Drop step costs (a forward/backward on the doubled batch),
+    #: so its equal-time budget is its equal-epochs budget.
+    costs_like_rdrop: bool = False
 
     def prepare(self, model: nn.Module, task: Task, config: RunConfig) -> nn.Module:
         return model
@@ -64,6 +67,7 @@ class RDropMethod(Method):
     name = "rdrop"
     label = "R-Drop"
     uses_alpha = True
+    costs_like_rdrop = True
 
     def _alpha(self, config: RunConfig) -> float:
         if config.alpha is None:
