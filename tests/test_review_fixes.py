@@ -62,7 +62,9 @@ def test_mask_of_the_wrong_shape_is_rejected_on_both_paths(implementation: str) 
     a, b = _logits(2, 3, 5, seed=5), _logits(2, 3, 5, seed=6)
     y = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="mask must have the item shape"):
-        rdrop.rdrop_loss([a, b], y, mask=torch.ones(3, dtype=torch.bool), implementation=implementation)
+        rdrop.rdrop_loss(
+            [a, b], y, mask=torch.ones(3, dtype=torch.bool), implementation=implementation
+        )
     with pytest.raises(TypeError, match="torch.bool"):
         rdrop.rdrop_loss([a, b], y, mask=torch.ones(2, 3), implementation=implementation)
 
