@@ -125,3 +125,17 @@ def extract_logits(output: Any, getter: LogitsGetter) -> Tensor:
             f"{type(found).__name__}, not a tensor; pass logits_key= to select the logits"
         )
     return found
+
+
+def split_passes(logits: Tensor, batch_size: int, passes: int, hint: str) -> list[Tensor]:
+    """Split logits of ``passes`` concatenated copies of a batch into one view per pass.
+
+    Raises a ``ValueError`` (ending with ``hint``) when dim 0 is not ``passes * batch_size``.
+    """
+    if logits.ndim == 0 or logits.shape[0] != passes * batch_size:
+        raise ValueError(
+            f"the model output has shape {tuple(logits.shape)} on an input batch of "
+            f"{passes} x {batch_size} rows; R-Drop expects the batch in dim 0 of the output "
+            f"({passes * batch_size}); {hint}"
+        )
+    return list(logits.split(batch_size, dim=0))

@@ -50,6 +50,15 @@ __all__ = ["rdrop_cross_entropy", "rdrop_linear_cross_entropy"]
 _LINEAR_CHUNK_NUMEL = 1 << 23
 
 
+def _pass_batch_size(x: Tensor, owner: str, num_passes: int) -> int:
+    """Rows per pass of ``num_passes`` concatenated copies (dim 0 must divide evenly)."""
+    if x.shape[0] % num_passes:
+        raise ValueError(
+            f"{owner} first dimension ({x.shape[0]}) is not a multiple of num_passes={num_passes}"
+        )
+    return x.shape[0] // num_passes
+
+
 def _check_common(num_passes: int, label_smoothing: float, chunk_size: int | None) -> None:
     if isinstance(num_passes, bool) or not isinstance(num_passes, int) or num_passes < 2:
         raise ValueError(f"num_passes must be an int >= 2, got {num_passes!r}")
@@ -124,12 +133,7 @@ def rdrop_cross_entropy(
     _check_common(num_passes, label_smoothing, chunk_size)
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim < 2:
         raise TypeError("logits must be a floating-point tensor of shape [m * B, ..., V]")
-    if logits.shape[0] % num_passes:
-        raise ValueError(
-            f"logits' first dimension ({logits.shape[0]}) is not a multiple of "
-            f"num_passes={num_passes}"
-        )
-    batch = logits.shape[0] // num_passes
+    batch = _pass_batch_size(logits, "logits'", num_passes)
     if num_passes != 2:
         return rdrop_loss(
             list(logits.split(batch)),
@@ -348,12 +352,7 @@ def rdrop_linear_cross_entropy(
         raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise TypeError("hidden, weight and bias must have the same dtype")
-    if hidden.shape[0] % num_passes:
-        raise ValueError(
-            f"hidden's first dimension ({hidden.shape[0]}) is not a multiple of "
-            f"num_passes={num_passes}"
-        )
-    batch = hidden.shape[0] // num_passes
+    batch = _pass_batch_size(hidden, "hidden's", num_passes)
     if num_passes != 2:
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return rdrop_cross_entropy(

@@ -10,7 +10,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rdrop._batch import LogitsGetter, extract_logits, find_batch_size, repeat_batch
+from rdrop._batch import (
+    LogitsGetter,
+    extract_logits,
+    find_batch_size,
+    repeat_batch,
+    split_passes,
+)
 from rdrop._dropout import active_dropout_modules, dropout_rate, training_batchnorm_modules
 from rdrop.functional import ConsistencyKind
 from rdrop.losses import BuiltinTask, RDropLoss, RDropOutput, TaskLoss, _validate_alpha
@@ -256,14 +262,10 @@ class RDrop(nn.Module):
                 "RDrop(..., mode='sequential')"
             ) from error
         logits = extract_logits(output, self.logits_key)
-        if logits.ndim == 0 or logits.shape[0] != m * batch_size:
-            raise ValueError(
-                f"the model output has shape {tuple(logits.shape)} on an input batch of "
-                f"{m} x {batch_size} rows; R-Drop expects the batch in dim 0 of the output "
-                f"({m * batch_size}). For sequence-first models use batch_first=True, or "
-                "select the logits with logits_key="
-            )
-        return list(logits.split(batch_size, dim=0)), output
+        hint = (
+            "for sequence-first models use batch_first=True, or select the logits with logits_key="
+        )
+        return split_passes(logits, batch_size, m, hint), output
 
     def _sequential_passes(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -43,7 +43,7 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
         "pip install 'torch-rdrop[hf]' (or pip install transformers accelerate)"
     ) from error
 
-from rdrop._batch import LogitsGetter, extract_logits, repeat_batch
+from rdrop._batch import LogitsGetter, extract_logits, repeat_batch, split_passes
 from rdrop.functional import _KINDS, ConsistencyKind
 from rdrop.losses import (
     _BUILTIN_TASKS,
@@ -353,16 +353,9 @@ class RDropTrainerMixin:
                 "per_device_train_batch_size if memory is the problem"
             ) from error
         logits = extract_logits(outputs, self.rdrop_logits_key)
-        if logits.ndim == 0 or logits.shape[0] != m * batch_size:
-            raise ValueError(
-                f"the model output has shape {tuple(logits.shape)} on an input batch of "
-                f"{m} x {batch_size} rows; R-Drop expects the batch in dim 0 of the logits "
-                f"({m * batch_size}); select the logits with logits_key="
-            )
+        split = split_passes(logits, batch_size, m, "select the logits with logits_key=")
         shift = self._rdrop_shifts(unwrapped)
-        pairs = [
-            self._rdrop_align(p, labels, shift_labels, shift) for p in logits.split(batch_size)
-        ]
+        pairs = [self._rdrop_align(p, labels, shift_labels, shift) for p in split]
         passes = [p for p, _ in pairs]
         target = pairs[0][1]
         task = self._rdrop_resolve_task(unwrapped, target)
