@@ -24,6 +24,16 @@ from rdrop.functional import (
 from rdrop.fused import rdrop_cross_entropy, rdrop_linear_cross_entropy
 from rdrop.losses import ConsistencyLoss, RDropLoss, RDropOutput, rdrop_loss, task_loss
 from rdrop.probe import ProbeResult, dropout_consistency
+from rdrop.regularizers import (
+    FGM,
+    ManifoldMixup,
+    MixedBatch,
+    MixUp,
+    fgm_step,
+    mixup,
+    rdrop_mixup_loss,
+    soft_cross_entropy,
+)
 from rdrop.schedules import LinearWarmup, linear_warmup
 from rdrop.wrapper import RDrop, RDropWarning
 
@@ -55,4 +65,13 @@ __all__ = [
     # probe
     "dropout_consistency",
     "ProbeResult",
+    # regularizers that combine with R-Drop
+    "mixup",
+    "MixUp",
+    "MixedBatch",
+    "ManifoldMixup",
+    "rdrop_mixup_loss",
+    "soft_cross_entropy",
+    "FGM",
+    "fgm_step",
 ]

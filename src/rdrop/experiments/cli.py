@@ -53,8 +53,8 @@ def _command_line(argv: Sequence[str]) -> str:
 
 def _data_dir(args: argparse.Namespace) -> Path:
     path = Path(args.data_dir) if args.data_dir else default_data_dir()
-    if not (path / "glue").is_dir():
-        raise DataError(f"--data-dir {path} has no glue/ folder (see ../shared/data/README.md)")
+    if not path.is_dir():
+        raise DataError(f"--data-dir {path} is not a folder (see ../shared/data/README.md)")
     return path
 
 
@@ -80,7 +80,7 @@ def _finish(results_dir: Path, out: Any) -> None:
 
 def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     task = get_task(args.task)
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(task.run_defaults)
     for key in (
         "epochs",
         "train_size",
@@ -144,6 +144,7 @@ def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
         Path(args.config),
         known_tasks={name: task.paper_alpha for name, task in TASKS.items()},
         known_methods=set(METHODS),
+        task_defaults={name: task.run_defaults for name, task in TASKS.items()},
     )
     if args.results_dir is None:
         args.results_dir = str(Path("runs") / suite.name)
@@ -194,18 +195,19 @@ def cmd_probe(args: argparse.Namespace, argv: Sequence[str]) -> int:
     task = get_task(args.task)
     data = task.load(_data_dir(args), None, None, 0)
     torch.manual_seed(args.seed)
-    model, collate = task.build(dropout=args.dropout, max_length=128)
+    model, collate = task.build(dropout=args.dropout, max_length=128, data=data)
     if args.checkpoint:
         from safetensors.torch import load_model
 
         load_model(model, args.checkpoint)
-    kind = "mse" if task.kind == "regression" else "kl"
+    kind = task.consistency_kind
     values = []
     for i in range(args.batches):
-        inputs, _ = collate(data.train[i * args.batch_size : (i + 1) * args.batch_size])
-        values.append(rdrop.dropout_consistency(model, **inputs, kind=kind))
+        inputs, target = collate(data.train[i * args.batch_size : (i + 1) * args.batch_size])
+        mask = task.probe_mask(target)
+        values.append(rdrop.dropout_consistency(model, **inputs, mask=mask, kind=kind))
     mean = sum(v.consistency for v in values) / len(values)
-    source = f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained MiniLM (new head)"
+    source = f"checkpoint {args.checkpoint}" if args.checkpoint else "freshly built (no training)"
     print(f"task {task.display_name}, model {source}")
     print(f"active dropout modules: {len(values[0].dropout_modules)}")
     print(

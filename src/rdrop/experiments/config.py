@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,14 +176,22 @@ class SuiteConfig:
 
 
 def parse_suite(
-    data: dict[str, Any], *, known_tasks: dict[str, float | None], known_methods: set[str]
+    data: dict[str, Any],
+    *,
+    known_tasks: dict[str, float | None],
+    known_methods: set[str],
+    task_defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> SuiteConfig:
     """Validate a parsed suite mapping and expand it into runs.
+
+    A run's settings are, by increasing precedence: :class:`RunConfig`'s defaults, the
+    task's own defaults (``task_defaults``), ``[train]``, ``[tasks.<name>]``.
 
     Args:
         data: the parsed file (TOML or YAML).
         known_tasks: task name -> the paper's alpha for it (or None).
         known_methods: names of the registered methods.
+        task_defaults: task name -> run settings that task uses unless the file sets them.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"a suite file must hold a mapping at the top, got {type(data).__name__}")
@@ -241,7 +250,11 @@ def parse_suite(
 
     runs: list[RunConfig] = []
     for task in tasks:
-        overrides = {**train, **validate_run_overrides(per_task.get(task, {}), f"tasks.{task}")}
+        overrides = {
+            **(task_defaults or {}).get(task, {}),
+            **train,
+            **validate_run_overrides(per_task.get(task, {}), f"tasks.{task}"),
+        }
         paper_alpha = known_tasks[task]
         for seed in seeds:
             for method in methods:
@@ -301,12 +314,19 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def load_suite(
-    path: Path, *, known_tasks: dict[str, float | None], known_methods: set[str]
+    path: Path,
+    *,
+    known_tasks: dict[str, float | None],
+    known_methods: set[str],
+    task_defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> SuiteConfig:
-    """Read and validate a suite file."""
+    """Read and validate a suite file (see :func:`parse_suite`)."""
     try:
         return parse_suite(
-            read_config_file(path), known_tasks=known_tasks, known_methods=known_methods
+            read_config_file(path),
+            known_tasks=known_tasks,
+            known_methods=known_methods,
+            task_defaults=task_defaults,
         )
     except ConfigError as error:
         message = str(error)

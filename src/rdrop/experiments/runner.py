@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 import rdrop
-from rdrop.experiments import metrics
 from rdrop.experiments.config import RunConfig
 from rdrop.experiments.methods import get_method
 from rdrop.experiments.progress import Progress
@@ -60,26 +59,17 @@ def _batches(examples: Sequence[Example], size: int) -> list[Sequence[Example]]:
     return [examples[i : i + size] for i in range(0, len(examples), size)]
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     examples: Sequence[Example],
     collate: Callable[..., Any],
     task: Task,
     batch_size: int,
+    *,
+    final: bool = False,
 ) -> dict[str, float]:
-    """Task metrics of ``model`` (in eval mode, one pass) on ``examples``."""
-    was_training = model.training
-    model.eval()
-    predictions, labels = [], []
-    for batch in _batches(examples, batch_size):
-        inputs, target = collate(batch)
-        output = model(**inputs)
-        logits = output if isinstance(output, torch.Tensor) else output.logits
-        predictions.append(task.predictions(logits))
-        labels.append(target.numpy())
-    model.train(was_training)
-    return metrics.compute(task.metrics, np.concatenate(predictions), np.concatenate(labels))
+    """Task metrics of ``model`` (in eval mode) on ``examples``: see :meth:`Task.evaluate`."""
+    return task.evaluate(model, examples, collate, batch_size, final=final)
 
 
 def _same_budget(a: dict[str, Any], b: RunConfig) -> bool:
@@ -155,7 +145,12 @@ def train_run(
     started = datetime.now(timezone.utc)
     wall_start = time.perf_counter()
     data = task.load(
-        data_dir, config.train_size, config.validation_size, config.data_seed, config.test_size
+        data_dir,
+        config.train_size,
+        config.validation_size,
+        config.data_seed,
+        config.test_size,
+        max_length=config.max_length,
     )
     steps_per_epoch, planned = _planned_steps(config, len(data.train))
     time_budget = None
@@ -165,7 +160,7 @@ def train_run(
     eval_interval = max(1, steps_per_epoch // config.evals_per_epoch)
 
     _seed_everything(config.seed)
-    model, collate = task.build(dropout=config.dropout, max_length=config.max_length)
+    model, collate = task.build(dropout=config.dropout, max_length=config.max_length, data=data)
     module = method.prepare(model, task, config)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -173,8 +168,8 @@ def train_run(
     warmup = max(1, int(config.warmup_ratio * planned))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     order_rng = torch.Generator().manual_seed(config.seed)
-    probe_inputs, _ = collate(data.train[: config.probe_size])
-    probe_kind = "mse" if task.kind == "regression" else "kl"
+    probe_inputs, probe_target = collate(data.train[: config.probe_size])
+    probe_mask = task.probe_mask(probe_target)
 
     evals: list[dict[str, Any]] = []
     curve: list[dict[str, Any]] = []
@@ -196,7 +191,9 @@ def train_run(
     def do_eval() -> None:
         nonlocal best_all, best_epochs, best_time, time_cut
         validation = evaluate(model, data.validation, collate, task, config.eval_batch_size)
-        probe = rdrop.dropout_consistency(model, **probe_inputs, kind=probe_kind)
+        probe = rdrop.dropout_consistency(
+            model, **probe_inputs, mask=probe_mask, kind=task.consistency_kind
+        )
         model.train()
         recent = [w for w in window]
         evals.append(
@@ -301,7 +298,9 @@ def train_run(
     for budget, index in chosen.items():
         if index not in test_scores:
             model.load_state_dict(snapshots[index])
-            test_scores[index] = evaluate(model, data.test, collate, task, config.eval_batch_size)
+            test_scores[index] = evaluate(
+                model, data.test, collate, task, config.eval_batch_size, final=True
+            )
             if checkpoint_dir is not None and budget == "equal_epochs":
                 _save_checkpoint(model, checkpoint_dir / f"{config.run_id()}.safetensors")
         e = evals[index]

@@ -59,7 +59,13 @@ class Baseline(Method):
     def step(
         self, module: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor, task: Task
     ) -> StepOutput:
-        value = rdrop.task_loss(_logits(module(**inputs)), target, task.loss_task)
+        value = rdrop.task_loss(
+            _logits(module(**inputs)),
+            target,
+            task.loss_task,
+            ignore_index=task.ignore_index,
+            label_smoothing=task.label_smoothing,
+        )
         return StepOutput(value, value)
 
 
@@ -75,7 +81,13 @@ class RDropMethod(Method):
         return config.alpha
 
     def prepare(self, model: nn.Module, task: Task, config: RunConfig) -> nn.Module:
-        return rdrop.RDrop(model, alpha=self._alpha(config), task=task.loss_task)
+        return rdrop.RDrop(
+            model,
+            alpha=self._alpha(config),
+            task=task.loss_task,
+            ignore_index=task.ignore_index,
+            label_smoothing=task.label_smoothing,
+        )
 
     def step(
         self, module: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor, task: Task

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -30,10 +30,14 @@ class Example:
 
 @dataclass
 class TaskData:
+    """The splits of a task. ``info`` is recorded with every run; ``resources`` holds what
+    the model is built from (e.g. a tokenizer fitted on ``train``) and is not recorded."""
+
     train: list[Example]
     validation: list[Example]
     test: list[Example]
     info: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 def default_data_dir() -> Path:
@@ -56,20 +60,36 @@ def default_data_dir() -> Path:
 
 
 class Task(ABC):
-    """A supervised task the runner can train and score."""
+    """A supervised task the runner can train and score.
+
+    ``kind`` is ``"classification"`` (one label per example), ``"regression"`` (one score)
+    or ``"sequence"`` (a class id per token: translation, language modelling; the target is
+    ``[B, T]`` with padding at ``ignore_index``). Sequence tasks override :meth:`evaluate`.
+    """
 
     name: str
     display_name: str
-    kind: Literal["classification", "regression"]
+    kind: Literal["classification", "regression", "sequence"]
     num_labels: int
     metrics: tuple[str, ...]
     primary_metric: str
     higher_is_better: bool = True
     paper_alpha: float | None = None
+    #: Label smoothing of the task loss (never of the consistency term).
+    label_smoothing: float = 0.0
+    #: Target value of padding (excluded from the task loss and the consistency term).
+    ignore_index: int = -100
+    #: Run settings this task uses unless a run sets them (``rdrop run``, suite files).
+    run_defaults: ClassVar[Mapping[str, Any]] = {}
 
     @property
     def loss_task(self) -> Literal["cross_entropy", "mse"]:
         return "mse" if self.kind == "regression" else "cross_entropy"
+
+    @property
+    def consistency_kind(self) -> Literal["kl", "mse"]:
+        """The consistency measure of this task's outputs (and of the probe)."""
+        return "mse" if self.kind == "regression" else "kl"
 
     @abstractmethod
     def load(
@@ -79,17 +99,62 @@ class Task(ABC):
         validation_size: int | None,
         data_seed: int,
         test_size: int | None = None,
+        *,
+        max_length: int | None = None,
     ) -> TaskData:
-        """Read the splits (each subsampled to its size, if given, with ``data_seed``)."""
+        """Read the splits (each subsampled to its size, if given, with ``data_seed``).
+
+        ``max_length`` is the run's sequence length, for tasks whose examples are cut from
+        a running text (language modelling); others truncate in their collator instead.
+        """
 
     @abstractmethod
-    def build(self, *, dropout: float | None, max_length: int) -> tuple[nn.Module, Collator]:
-        """A fresh model (call after seeding) and the collator for its inputs."""
+    def build(
+        self, *, dropout: float | None, max_length: int, data: TaskData | None = None
+    ) -> tuple[nn.Module, Collator]:
+        """A fresh model (call after seeding) and the collator for its inputs.
+
+        ``data`` is the loaded splits, for tasks whose tokenizer is fitted on the training
+        split; tasks with a pretrained tokenizer ignore it.
+        """
 
     def predictions(self, logits: torch.Tensor) -> np.ndarray:
         if self.kind == "regression":
             return logits.reshape(-1).float().cpu().numpy()
         return logits.argmax(dim=-1).cpu().numpy()
+
+    def probe_mask(self, target: torch.Tensor) -> torch.Tensor | None:
+        """Which output items the probe compares (real tokens for sequence tasks)."""
+        return target != self.ignore_index if self.kind == "sequence" else None
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,
+        examples: Sequence[Example],
+        collate: Collator,
+        batch_size: int,
+        *,
+        final: bool = False,
+    ) -> dict[str, float]:
+        """The task's metrics of ``model`` (eval mode, one pass) on ``examples``.
+
+        ``final`` is ``True`` for the single scoring of the held-out test split (tasks
+        whose final metric costs more, such as beam search, use it).
+        """
+        from rdrop.experiments import metrics
+
+        was_training = model.training
+        model.eval()
+        predictions, labels = [], []
+        for start in range(0, len(examples), batch_size):
+            inputs, target = collate(examples[start : start + batch_size])
+            output = model(**inputs)
+            logits = output if isinstance(output, torch.Tensor) else output.logits
+            predictions.append(self.predictions(logits))
+            labels.append(target.numpy())
+        model.train(was_training)
+        return metrics.compute(self.metrics, np.concatenate(predictions), np.concatenate(labels))
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -113,10 +113,14 @@ class GlueTask(Task):
         validation_size: int | None,
         data_seed: int,
         test_size: int | None = None,
+        *,
+        max_length: int | None = None,
     ) -> TaskData:
         return _load_cached(self, Path(data_dir), train_size, validation_size, data_seed, test_size)
 
-    def build(self, *, dropout: float | None, max_length: int) -> tuple[nn.Module, Collator]:
+    def build(
+        self, *, dropout: float | None, max_length: int, data: TaskData | None = None
+    ) -> tuple[nn.Module, Collator]:
         model, tokenizer = load_minilm(self.num_labels, dropout)
         regression = self.kind == "regression"
 
