@@ -1,10 +1,11 @@
 """Greedy and beam-search decoding for :class:`~rdrop.experiments.models.Seq2SeqTransformer`.
 
 Both decode a batch of source sentences (call them on a model in eval mode) and return
-token-id lists without BOS/EOS; padding and BOS are never generated. Beam search scores a hypothesis by its summed log-probability divided by
-``length ** length_penalty`` (the length counts the EOS token), finalises a sentence once
-``beam_size`` hypotheses have ended, and stops at ``max_len_a * source_length +
-max_len_b`` tokens (the fairseq convention).
+token-id lists without BOS/EOS; padding and BOS are never generated. Beam search scores a
+hypothesis by its summed log-probability divided by ``length ** length_penalty`` (the
+length counts the EOS token), finalises a sentence once ``beam_size`` hypotheses have
+ended, and stops at ``max_len_a * source_length + max_len_b`` tokens (the fairseq
+convention).
 """
 
 from __future__ import annotations
