@@ -119,7 +119,13 @@ def _load_cached(
 
 
 class TinyShakespeare(Task):
-    """Character-level LM; perplexity per character on the last 5 % of the text."""
+    """Character-level LM; perplexity per character on the last 5 % of the text.
+
+    The default model is sized for 2 CPU cores: a pre-norm causal Transformer with 3 layers,
+    d_model 128, 4 heads, dropout 0.2, learned positions, tied embeddings. The default run
+    trains on 2,000 blocks of 129 characters (a quarter of the training split) for 5 epochs,
+    so that dropout's regularisation matters within a CPU budget.
+    """
 
     name = "shakespeare"
     display_name = "tinyshakespeare (char LM)"
@@ -132,8 +138,8 @@ class TinyShakespeare(Task):
         "lr": 1e-3,
         "batch_size": 32,
         "eval_batch_size": 64,
-        "epochs": 1.0,
-        "train_size": None,
+        "epochs": 5.0,
+        "train_size": 2000,
         "validation_size": 200,
         "max_length": 128,
         "weight_decay": 0.1,
@@ -142,7 +148,7 @@ class TinyShakespeare(Task):
     }
 
     def __init__(
-        self, *, d_model: int = 192, nhead: int = 4, num_layers: int = 4, dropout: float = 0.2
+        self, *, d_model: int = 128, nhead: int = 4, num_layers: int = 3, dropout: float = 0.2
     ) -> None:
         self.model_kwargs = {
             "d_model": d_model,

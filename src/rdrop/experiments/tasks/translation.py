@@ -155,7 +155,15 @@ def _bleu_signature() -> str:
 
 
 class Multi30kTranslation(Task):
-    """Multi30k de→en; BLEU on the test split with beam search, greedy on validation."""
+    """Multi30k de→en; BLEU on the test split with beam search, greedy on validation.
+
+    The default model is sized for 2 CPU cores: a pre-norm Transformer with 3 encoder and
+    3 decoder layers, d_model 128, 4 heads, feed-forward 512, dropout 0.3 (the paper's
+    IWSLT dropout), a 4,000-token joint BPE, tied embeddings: 1.9M parameters, about
+    0.5 s per baseline step of 64 sentence pairs on one thread. The default run trains on
+    10,000 of the 29,000 training pairs for 4 epochs (625 steps), so that dropout's
+    regularisation matters within a CPU budget.
+    """
 
     name = "multi30k"
     display_name = "Multi30k De→En"
@@ -172,8 +180,8 @@ class Multi30kTranslation(Task):
         "batch_size": 64,
         "eval_batch_size": 100,
         "epochs": 4.0,
-        "train_size": None,
-        "validation_size": 500,
+        "train_size": 10_000,
+        "validation_size": 300,
         "max_length": 64,
         "weight_decay": 1e-4,
         "warmup_ratio": 0.05,
@@ -183,11 +191,11 @@ class Multi30kTranslation(Task):
     def __init__(
         self,
         *,
-        vocab_size: int = 8000,
-        d_model: int = 256,
+        vocab_size: int = 4000,
+        d_model: int = 128,
         nhead: int = 4,
         num_layers: int = 3,
-        dim_feedforward: int = 1024,
+        dim_feedforward: int = 512,
         dropout: float = 0.3,
         beam_size: int = 4,
     ) -> None:
