@@ -2,6 +2,8 @@
 
     rdrop demo                                   # baseline vs R-Drop on SST-2, ~10 min
     rdrop run sst2 --method rdrop --alpha 1.0 --seeds 0 1 2
+    rdrop run sst2 --method rdrop --every-k-steps 5         # an ablation of the paper
+    rdrop run sst2 --method baseline mixup fgm --shots-per-class 16 --data-seeds 0 1 2
     rdrop sweep configs/glue.toml                # a suite file (TOML or YAML)
     rdrop report runs/glue                       # Markdown report + PNG plots
     rdrop probe mrpc                             # dropout-consistency diagnostic
@@ -19,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rdrop.experiments.config import ConfigError, RunConfig, load_suite
-from rdrop.experiments.methods import METHODS
+from rdrop.experiments.config import METHOD_FIELDS, ConfigError, RunConfig, load_suite
+from rdrop.experiments.methods import METHODS, method_specs
 from rdrop.experiments.store import ResultStore
 from rdrop.experiments.tasks import TASKS, DataError, default_data_dir, get_task
 
@@ -78,51 +80,93 @@ def _finish(results_dir: Path, out: Any) -> None:
     print(f"\nreport: {report}", file=out)
 
 
+_RUN_OPTIONS = (
+    "epochs",
+    "train_size",
+    "validation_size",
+    "batch_size",
+    "lr",
+    "dropout",
+    "max_length",
+    "evals_per_epoch",
+    "shots_per_class",
+    "every_k_steps",
+    "num_passes",
+    "dropout_rates",
+    "label_smoothing",
+    "mixup_alpha",
+    "manifold_mixup_alpha",
+    "fgm_epsilon",
+    "unlabeled_size",
+)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     task = get_task(args.task)
     overrides: dict[str, Any] = dict(task.run_defaults)
-    for key in (
-        "epochs",
-        "train_size",
-        "validation_size",
-        "batch_size",
-        "lr",
-        "dropout",
-        "max_length",
-        "evals_per_epoch",
-    ):
+    for key in _RUN_OPTIONS:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
+    if args.stop_gradient:
+        overrides["stop_gradient"] = True
     if args.train_size_all:
         overrides["train_size"] = None
     if args.alpha and not any(METHODS[m].uses_alpha for m in args.method):
         raise ConfigError(
-            f"--alpha is only used by rdrop; --method {' '.join(args.method)} ignores it"
+            f"--alpha is only used by the R-Drop methods; --method {' '.join(args.method)} "
+            "ignores it"
         )
+    for key in sorted(set(overrides) & METHOD_FIELDS):
+        if not any(key in METHODS[m].fields for m in args.method):
+            users = sorted(m for m, method in METHODS.items() if key in method.fields)
+            raise ConfigError(
+                f"{_flag(key)} is an option of {', '.join(users)}; "
+                f"--method {' '.join(args.method)} does not read it"
+            )
     runs = []
     for method in args.method:
         alphas: list[float | None] = [None]
         if METHODS[method].uses_alpha:
-            alphas = list(args.alpha) if args.alpha else [task.paper_alpha]
-        for seed in args.seeds:
-            for alpha in alphas:
-                runs.append(
-                    RunConfig(
-                        task.name,
-                        method,
-                        alpha=alpha,
-                        seed=seed,
-                        paper_alpha=task.paper_alpha,
-                        **overrides,
-                    )
+            if not args.alpha and task.paper_alpha is None:
+                raise ConfigError(
+                    f"task {task.name!r} has no paper alpha; give one with --alpha "
+                    f"(method {method!r} needs it)"
                 )
+            alphas = list(args.alpha) if args.alpha else [task.paper_alpha]
+        # Options of other methods are left out, so this run keeps its usual identity.
+        own = {
+            k: v
+            for k, v in overrides.items()
+            if k not in METHOD_FIELDS or k in METHODS[method].fields
+        }
+        for data_seed in args.data_seeds or [None]:
+            if data_seed is not None:
+                own["data_seed"] = data_seed
+            for seed in args.seeds:
+                for alpha in alphas:
+                    runs.append(
+                        RunConfig(
+                            task.name,
+                            method,
+                            alpha=alpha,
+                            seed=seed,
+                            paper_alpha=task.paper_alpha,
+                            **own,
+                        )
+                    )
     return _execute(runs, args, argv)
 
 
 def _execute(runs: list[RunConfig], args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from rdrop.experiments.runner import run_suite
+    from rdrop.experiments.runner import check_run, run_suite
 
+    for run in runs:
+        check_run(run)
     _threads(args.threads)
     results_dir = Path(args.results_dir)
     store = ResultStore(results_dir)
@@ -143,7 +187,7 @@ def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     suite = load_suite(
         Path(args.config),
         known_tasks={name: task.paper_alpha for name, task in TASKS.items()},
-        known_methods=set(METHODS),
+        known_methods=method_specs(),
         task_defaults={name: task.run_defaults for name, task in TASKS.items()},
     )
     if args.results_dir is None:
@@ -155,7 +199,10 @@ def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise ConfigError(f"--tasks: {unknown} not in the suite's tasks")
         runs = [r for r in runs if r.task in args.tasks]
     if args.dry_run:
+        from rdrop.experiments.runner import check_run
+
         for run in runs:
+            check_run(run)
             print(run.run_id())
         return 0
     return _execute(runs, args, argv)
@@ -275,6 +322,44 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dropout", type=float)
     run.add_argument("--max-length", type=int)
     run.add_argument("--evals-per-epoch", type=int)
+    run.add_argument(
+        "--data-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="draws of the training data (few-shot sets, subsamples); default: 0",
+    )
+    run.add_argument("--shots-per-class", type=int, help="few-shot: k training examples per class")
+    ablations = run.add_argument_group("R-Drop ablations (method rdrop)")
+    ablations.add_argument(
+        "--every-k-steps", type=int, help="the consistency term on every k-th step only"
+    )
+    ablations.add_argument("--num-passes", type=int, help="m dropout passes (default 2)")
+    ablations.add_argument(
+        "--dropout-rates",
+        type=float,
+        nargs="+",
+        help="one dropout rate per pass, e.g. 0.1 0.3 (sequential passes)",
+    )
+    ablations.add_argument(
+        "--stop-gradient",
+        action="store_true",
+        help="passes 2..m without gradient, as the KL target only (not in the paper)",
+    )
+    regularizers = run.add_argument_group("regularizer hyper-parameters")
+    regularizers.add_argument(
+        "--label-smoothing", type=float, help="label_smoothing methods (default 0.1)"
+    )
+    regularizers.add_argument(
+        "--mixup-alpha", type=float, help="MixUp Beta(a, a) (default 0.2 text, 1.0 images)"
+    )
+    regularizers.add_argument(
+        "--manifold-mixup-alpha", type=float, help="Manifold MixUp Beta(a, a) (default 2.0)"
+    )
+    regularizers.add_argument("--fgm-epsilon", type=float, help="FGM perturbation norm (1.0)")
+    regularizers.add_argument(
+        "--unlabeled-size", type=int, help="rdrop_semi: size of the unlabeled pool"
+    )
     common(run, "runs/run")
     run.set_defaults(handler=cmd_run)
 

@@ -17,6 +17,21 @@ file expands to many runs::
     [tasks.rte]                  # per-task overrides of [train]
     train_size = 800
 
+Optional ``[suite]`` keys: ``data_seeds = [0, 1, 2]`` (several draws of the training data:
+the suite expands over seeds x data seeds), ``shots_per_class = [16, 64]`` (few-shot
+training sets, one suite entry per value). A ``[variants.<name>]`` table defines a named
+variant of a method with its own options (the paper's ablations), usable in ``methods``::
+
+    [variants.rdrop_k5]
+    method = "rdrop"
+    every_k_steps = 5
+
+``[tasks.<name>] methods = [...]`` runs only some of the suite's methods on that task.
+Options that only some methods read (:data:`METHOD_FIELDS`: the R-Drop ablations, the
+regularizers' hyper-parameters, ``unlabeled_size``) are given only to the methods that
+read them, so setting one in ``[train]`` leaves the other methods' runs (and run ids)
+unchanged.
+
 Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key.
 """
 
@@ -27,7 +42,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +52,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "RunConfig", "SuiteConfig", "load_suite", "parse_suite"]
+__all__ = [
+    "ABLATION_DEFAULTS",
+    "METHOD_FIELDS",
+    "ConfigError",
+    "MethodSpec",
+    "RunConfig",
+    "SuiteConfig",
+    "changed_fields",
+    "config_value",
+    "is_plain_rdrop",
+    "load_suite",
+    "parse_suite",
+]
 
 
 class ConfigError(ValueError):
@@ -72,6 +99,31 @@ class RunConfig:
     data_seed: int = 0
     #: Free-form labels recorded with the run (part of its identity; the runner ignores them).
     extra: dict[str, Any] = field(default_factory=dict)
+    # -- The paper's R-Drop ablations (method ``rdrop`` only). ---------------------------
+    #: The consistency term on every k-th step only (1 = every step, plain R-Drop).
+    every_k_steps: int = 1
+    #: m dropout passes per step (2 = plain R-Drop).
+    num_passes: int = 2
+    #: One dropout rate per pass (sequential passes); ``None`` = the model's rate.
+    dropout_rates: tuple[float, ...] | None = None
+    #: Passes 2..m without gradient, used only as the KL target (not in the paper).
+    stop_gradient: bool = False
+    # -- Regularizers' hyper-parameters (``None``: the method's documented default). -----
+    #: Label smoothing of the ``label_smoothing`` methods (default 0.1).
+    label_smoothing: float | None = None
+    #: MixUp's Beta(a, a) parameter (default: the task's, else 0.2 text / 1.0 raw inputs).
+    mixup_alpha: float | None = None
+    #: Manifold MixUp's Beta(a, a) parameter (default 2.0, Verma et al.).
+    manifold_mixup_alpha: float | None = None
+    #: FGM's perturbation norm on the embedding weight (default 1.0).
+    fgm_epsilon: float | None = None
+    # -- Data regimes. -------------------------------------------------------------------
+    #: Few-shot: k training examples per class drawn with ``data_seed`` (replaces
+    #: ``train_size``, which is then recorded as ``None``).
+    shots_per_class: int | None = None
+    #: Semi-supervised (``rdrop_semi``): an unlabeled pool of this many examples drawn from
+    #: the rest of the training split, labels discarded.
+    unlabeled_size: int | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -101,21 +153,200 @@ class RunConfig:
             value = getattr(self, key)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+        self._check_new_fields()
+
+    def _check_new_fields(self) -> None:
+        """Validate (and normalise) the ablation, regularizer and data-regime fields."""
+        for key, low in (
+            ("every_k_steps", 1),
+            ("num_passes", 2),
+            ("shots_per_class", 1),
+            ("unlabeled_size", 1),
+        ):
+            value = getattr(self, key)
+            if value is None and key in ("shots_per_class", "unlabeled_size"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.stop_gradient, bool):
+            raise ConfigError(f"stop_gradient must be true or false, got {self.stop_gradient!r}")
+        if self.dropout_rates is not None:
+            rates = self.dropout_rates
+            if isinstance(rates, (str, bytes)) or not isinstance(rates, (list, tuple)):
+                raise ConfigError(f"dropout_rates must be a list of numbers, got {rates!r}")
+            if not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in rates):
+                raise ConfigError(f"dropout_rates must be a list of numbers, got {rates!r}")
+            rates = tuple(float(p) for p in rates)
+            if not all(0.0 <= p < 1.0 for p in rates):
+                raise ConfigError(f"dropout_rates must lie in [0, 1), got {list(rates)}")
+            if len(rates) != self.num_passes:
+                raise ConfigError(
+                    f"dropout_rates must give one rate per pass (num_passes={self.num_passes}), "
+                    f"got {len(rates)}: {list(rates)}"
+                )
+            object.__setattr__(self, "dropout_rates", rates)  # a list from TOML/JSON
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        for key in ("mixup_alpha", "manifold_mixup_alpha", "fgm_epsilon"):
+            value = getattr(self, key)
+            if value is not None and not (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and value > 0
+                and math.isfinite(value)
+            ):
+                raise ConfigError(f"{key} must be a finite number > 0 or null, got {value!r}")
+        if self.shots_per_class is not None and self.train_size is not None:
+            # The k-per-class draw is the training set: train_size does not apply.
+            object.__setattr__(self, "train_size", None)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Rebuild a config from :meth:`to_dict` output (e.g. a run record's ``config``).
+
+        Records written before a field existed lack it; it takes its default, which keeps
+        the :meth:`run_id` the record was written with.
+        """
+        unknown = sorted(set(data) - set(_RUN_FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown RunConfig field(s): {', '.join(unknown)}")
+        try:
+            return cls(**dict(data))
+        except TypeError as error:
+            raise ConfigError(str(error)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """What :meth:`run_id` hashes: every field, except fields added after results were
+        recorded (:data:`_OPTIONAL_IN_ID`) while they hold their default, so a config that
+        leaves them alone keeps the run id it had before they existed."""
+        data = self.to_dict()
+        for name, default in _OPTIONAL_IN_ID.items():
+            if _same_value(data[name], default):
+                del data[name]
+        return data
+
     def run_id(self) -> str:
-        """Stable identity: readable prefix + hash of every field."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        """Stable identity: readable prefix + hash of every field (see :meth:`identity`)."""
+        blob = json.dumps(self.identity(), sort_keys=True, default=str).encode()
         digest = hashlib.sha1(blob).hexdigest()[:10]
         alpha = "" if self.alpha is None else f"-a{self.alpha:g}"
         return f"{self.task}__{self.method}{alpha}__s{self.seed}__{digest}"
 
 
 _RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-_SUITE_KEYS = {"name", "tasks", "methods", "seeds", "alphas", "description"}
-_TOP_KEYS = {"suite", "train", "tasks"}
+
+#: Fields added after the first results were recorded: left out of the run id while they
+#: hold their default (name -> default).
+_OPTIONAL_IN_ID: dict[str, Any] = {
+    name: _RUN_FIELDS[name].default
+    for name in (
+        "every_k_steps",
+        "num_passes",
+        "dropout_rates",
+        "stop_gradient",
+        "label_smoothing",
+        "mixup_alpha",
+        "manifold_mixup_alpha",
+        "fgm_epsilon",
+        "shots_per_class",
+        "unlabeled_size",
+    )
+}
+
+#: The R-Drop ablation fields and their plain-R-Drop values.
+ABLATION_DEFAULTS: dict[str, Any] = {
+    "every_k_steps": 1,
+    "num_passes": 2,
+    "dropout_rates": None,
+    "stop_gradient": False,
+}
+
+#: Fields only some methods read (each :class:`MethodSpec` says which). Suites give them
+#: only to the methods that read them.
+METHOD_FIELDS: frozenset[str] = frozenset(
+    {
+        *ABLATION_DEFAULTS,
+        "label_smoothing",
+        "mixup_alpha",
+        "manifold_mixup_alpha",
+        "fgm_epsilon",
+        "unlabeled_size",
+    }
+)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equality that treats a list and a tuple with the same items as equal (JSON)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return bool(a == b)
+
+
+def changed_fields(config: RunConfig, names: Collection[str] = METHOD_FIELDS) -> set[str]:
+    """Which of the fields ``names`` of ``config`` differ from their defaults."""
+    return {
+        name for name in names if not _same_value(getattr(config, name), _RUN_FIELDS[name].default)
+    }
+
+
+def config_value(config: Mapping[str, Any], key: str) -> Any:
+    """``config[key]`` of a recorded config, or the field's default for records written
+    before the field existed."""
+    if key in config:
+        return config[key]
+    spec = _RUN_FIELDS.get(key)
+    if spec is not None and spec.default is not dataclasses.MISSING:
+        return spec.default
+    return None
+
+
+def is_plain_rdrop(config: Mapping[str, Any] | RunConfig) -> bool:
+    """Whether a (recorded) config is plain R-Drop: method ``rdrop`` with k = 1, m = 2,
+    the model's dropout for both passes and no stop-gradient (the runs that set the
+    equal-time budget)."""
+    data = config.to_dict() if isinstance(config, RunConfig) else config
+    if data.get("method") != "rdrop":
+        return False
+    return all(_same_value(config_value(data, k), d) for k, d in ABLATION_DEFAULTS.items())
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a suite needs to know about a method: whether it takes R-Drop's alpha and
+    which of :data:`METHOD_FIELDS` it reads."""
+
+    uses_alpha: bool = False
+    fields: frozenset[str] = frozenset()
+
+
+def _method_specs(
+    known_methods: Collection[str] | Mapping[str, MethodSpec],
+) -> dict[str, MethodSpec]:
+    if isinstance(known_methods, Mapping):
+        return dict(known_methods)
+    # A plain set of names: only rdrop takes alpha and the ablation options.
+    return {
+        name: MethodSpec(True, frozenset(ABLATION_DEFAULTS)) if name == "rdrop" else MethodSpec()
+        for name in known_methods
+    }
+
+
+_SUITE_KEYS = {
+    "name",
+    "tasks",
+    "methods",
+    "seeds",
+    "alphas",
+    "description",
+    "data_seeds",
+    "shots_per_class",
+}
+_TOP_KEYS = {"suite", "train", "tasks", "variants"}
 
 
 def _check_type(key: str, value: Any, annotation: str) -> Any:
@@ -141,6 +372,12 @@ def _check_type(key: str, value: Any, annotation: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
+    if annotation.startswith("tuple"):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of numbers, got {value!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key} must be a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
     if annotation.startswith("dict"):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table/mapping, got {value!r}")
@@ -179,20 +416,25 @@ def parse_suite(
     data: dict[str, Any],
     *,
     known_tasks: dict[str, float | None],
-    known_methods: set[str],
+    known_methods: Collection[str] | Mapping[str, MethodSpec],
     task_defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> SuiteConfig:
     """Validate a parsed suite mapping and expand it into runs.
 
     A run's settings are, by increasing precedence: :class:`RunConfig`'s defaults, the
-    task's own defaults (``task_defaults``), ``[train]``, ``[tasks.<name>]``.
+    task's own defaults (``task_defaults``), ``[train]``, ``[tasks.<name>]``, the
+    method's ``[variants.<name>]`` table. Options in :data:`METHOD_FIELDS` reach only the
+    methods that read them. The runs are ordered task, shots per class, data seed, seed,
+    method, alpha.
 
     Args:
         data: the parsed file (TOML or YAML).
         known_tasks: task name -> the paper's alpha for it (or None).
-        known_methods: names of the registered methods.
+        known_methods: the registered methods: name -> :class:`MethodSpec` (a plain set of
+            names means: only ``rdrop`` takes alpha and the ablation options).
         task_defaults: task name -> run settings that task uses unless the file sets them.
     """
+    specs = _method_specs(known_methods)
     if not isinstance(data, dict):
         raise ConfigError(f"a suite file must hold a mapping at the top, got {type(data).__name__}")
     for key in data:
@@ -216,16 +458,31 @@ def parse_suite(
             raise ConfigError(f"[suite] {key} must be a non-empty list, got {value!r}")
         return value
 
+    def int_list(key: str, low: int) -> list[int] | None:
+        if key not in suite:
+            return None
+        values = str_list(key)
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"[suite] {key} must be integers >= {low}, got {value!r}")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"[suite] {key} has repeated values: {values}")
+        return values
+
     tasks = str_list("tasks")
     for task in tasks:
         if task not in known_tasks:
             raise ConfigError(f"[suite] tasks: unknown task {task!r}; known: {sorted(known_tasks)}")
+    variants = _parse_variants(data.get("variants", {}), specs)
     methods = str_list("methods")
     for method in methods:
-        if method not in known_methods:
+        if method not in specs and method not in variants:
             raise ConfigError(
-                f"[suite] methods: unknown method {method!r}; known: {sorted(known_methods)}"
+                f"[suite] methods: unknown method {method!r}; known: {sorted(specs)}"
+                + (f"; variants: {sorted(variants)}" if variants else "")
             )
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"[suite] methods has repeated entries: {methods}")
     seeds = str_list("seeds")
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -239,52 +496,148 @@ def parse_suite(
             raise ConfigError(
                 f"[suite] alphas: each must be a number >= 0 or 'paper', got {alpha!r}"
             )
+    data_seeds = int_list("data_seeds", 0)
+    shots = int_list("shots_per_class", 1)
 
     train = validate_run_overrides(data.get("train", {}), "train")
-    per_task = data.get("tasks", {})
-    if not isinstance(per_task, dict):
+    per_task_raw = data.get("tasks", {})
+    if not isinstance(per_task_raw, dict):
         raise ConfigError("[tasks] must be a table of per-task tables")
-    for task in per_task:
+    per_task: dict[str, dict[str, Any]] = {}
+    task_methods: dict[str, list[str]] = {}
+    for task, table in per_task_raw.items():
         if task not in tasks:
             raise ConfigError(f"[tasks.{task}] overrides a task that is not in [suite] tasks")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[tasks.{task}] must be a table/mapping, got {table!r}")
+        table = dict(table)
+        if "methods" in table:
+            chosen = table.pop("methods")
+            if not isinstance(chosen, list) or not chosen:
+                raise ConfigError(f"[tasks.{task}] methods must be a non-empty list")
+            for method in chosen:
+                if method not in methods:
+                    raise ConfigError(
+                        f"[tasks.{task}] methods: {method!r} is not in [suite] methods"
+                    )
+            task_methods[task] = [m for m in methods if m in chosen]
+        per_task[task] = validate_run_overrides(table, f"tasks.{task}")
+    for where, table in (("train", train), *((f"tasks.{t}", v) for t, v in per_task.items())):
+        if data_seeds is not None and "data_seed" in table:
+            raise ConfigError(f"[{where}] data_seed conflicts with [suite] data_seeds")
+        if shots is not None and "shots_per_class" in table:
+            raise ConfigError(f"[{where}] shots_per_class conflicts with [suite] shots_per_class")
 
     runs: list[RunConfig] = []
     for task in tasks:
-        overrides = {
+        chosen_methods = task_methods.get(task, methods)
+        base = {
             **(task_defaults or {}).get(task, {}),
             **train,
-            **validate_run_overrides(per_task.get(task, {}), f"tasks.{task}"),
+            **per_task.get(task, {}),
         }
+        _check_method_fields_used(base, chosen_methods, specs, variants, task)
         paper_alpha = known_tasks[task]
-        for seed in seeds:
-            for method in methods:
-                method_alphas: list[float | None]
-                if method == "rdrop":
-                    method_alphas = []
-                    for alpha in alphas:
-                        value = paper_alpha if alpha == "paper" else float(alpha)
-                        if value is None:
-                            raise ConfigError(f"task {task!r} has no paper alpha; give a number")
-                        if value not in method_alphas:
-                            method_alphas.append(value)
-                else:
-                    method_alphas = [None]
-                for alpha_value in method_alphas:
-                    try:
-                        runs.append(
-                            RunConfig(
-                                task=task,
-                                method=method,
-                                alpha=alpha_value,
-                                seed=seed,
-                                paper_alpha=paper_alpha,
-                                **overrides,
-                            )
-                        )
-                    except TypeError as error:
-                        raise ConfigError(str(error)) from None
+        shot_values: list[int | None] = list(shots) if shots is not None else [None]
+        seed_values: list[int | None] = list(data_seeds) if data_seeds is not None else [None]
+        for shot in shot_values:
+            for data_seed in seed_values:
+                for seed in seeds:
+                    for entry in chosen_methods:
+                        method, variant = variants.get(entry, (entry, {}))
+                        spec = specs[method]
+                        overrides = {
+                            k: v
+                            for k, v in base.items()
+                            if k not in METHOD_FIELDS or k in spec.fields
+                        }
+                        overrides.update(variant)
+                        if shot is not None:
+                            overrides["shots_per_class"] = shot
+                        if data_seed is not None:
+                            overrides["data_seed"] = data_seed
+                        for alpha_value in _alphas_of(spec, alphas, paper_alpha, task):
+                            try:
+                                runs.append(
+                                    RunConfig(
+                                        task=task,
+                                        method=method,
+                                        alpha=alpha_value,
+                                        seed=seed,
+                                        paper_alpha=paper_alpha,
+                                        **overrides,
+                                    )
+                                )
+                            except TypeError as error:
+                                raise ConfigError(str(error)) from None
     description = suite.get("description", "")
     return SuiteConfig(name=name, runs=tuple(runs), description=str(description))
+
+
+def _alphas_of(
+    spec: MethodSpec, alphas: list[Any], paper_alpha: float | None, task: str
+) -> list[float | None]:
+    if not spec.uses_alpha:
+        return [None]
+    values: list[float | None] = []
+    for alpha in alphas:
+        value = paper_alpha if alpha == "paper" else float(alpha)
+        if value is None:
+            raise ConfigError(f"task {task!r} has no paper alpha; give a number")
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def _parse_variants(
+    raw: Any, specs: Mapping[str, MethodSpec]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``[variants.<name>]`` tables -> name -> (method, its options)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("[variants] must be a table of named variant tables")
+    variants: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, table in raw.items():
+        where = f"variants.{name}"
+        if name in specs:
+            raise ConfigError(f"[{where}] a variant cannot take the name of a method")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{where}] must be a table/mapping, got {table!r}")
+        table = dict(table)
+        method = table.pop("method", None)
+        if method not in specs:
+            raise ConfigError(
+                f"[{where}] method must name a registered method ({sorted(specs)}), got {method!r}"
+            )
+        options = validate_run_overrides(table, where)
+        for key in options:
+            if key not in specs[method].fields:
+                readable = sorted(specs[method].fields)
+                raise ConfigError(
+                    f"[{where}] {key!r} is not an option of method {method!r}"
+                    + (f" (its options: {', '.join(readable)})" if readable else "")
+                )
+        if not options:
+            raise ConfigError(f"[{where}] sets no option: list {method!r} in methods instead")
+        variants[name] = (method, options)
+    return variants
+
+
+def _check_method_fields_used(
+    overrides: Mapping[str, Any],
+    methods: list[str],
+    specs: Mapping[str, MethodSpec],
+    variants: Mapping[str, tuple[str, dict[str, Any]]],
+    task: str,
+) -> None:
+    """A method option set for a task must be read by at least one of its methods."""
+    names = [variants[m][0] if m in variants else m for m in methods]
+    for key in overrides:
+        if key in METHOD_FIELDS and not any(key in specs[m].fields for m in names):
+            users = sorted(m for m, spec in specs.items() if key in spec.fields)
+            raise ConfigError(
+                f"{key!r} is set for task {task!r} but none of its methods reads it"
+                + (f" (read by: {', '.join(users)})" if users else "")
+            )
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -317,7 +670,7 @@ def load_suite(
     path: Path,
     *,
     known_tasks: dict[str, float | None],
-    known_methods: set[str],
+    known_methods: Collection[str] | Mapping[str, MethodSpec],
     task_defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> SuiteConfig:
     """Read and validate a suite file (see :func:`parse_suite`)."""

@@ -4,6 +4,11 @@ Reads ``<results_dir>/runs/*.json`` (one record per finished run, written by the
 aggregates them per task and method (mean ± std over seeds, paired differences against the
 baseline at two budgets) and writes ``REPORT.md`` plus PNG plots in ``plots/``.
 
+A table is one task (and, for few-shot runs, one number of shots per class); a row is one
+method with its alpha and its non-default options (an ablation such as ``k=5`` is its own
+row, never merged with plain R-Drop); runs are paired by (seed, data seed). Records
+written before a config field existed are read with that field's default.
+
 matplotlib is imported only inside the plotting functions (``import rdrop`` and
 ``import rdrop.experiments.report`` never import it); the Agg canvas is used directly, so no
 global backend is switched and no display is needed.
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rdrop.experiments.config import METHOD_FIELDS, config_value
 from rdrop.experiments.stats import (
     PairedDifference,
     format_interval,
@@ -69,9 +75,58 @@ CONFIDENCE = 0.95
 N_BOOTSTRAP = 10000
 BOOTSTRAP_SEED = 0
 
-# Config fields that are expected to vary between the runs of one task.
+# Methods whose equal-time model is their equal-epochs model, for records that do not say
+# (written before ``method_info``; all of them plain R-Drop or the doubled batch).
 _COSTS_LIKE_RDROP = {"rdrop", "doubled_batch"}
-_GROUPING_FIELDS = {"task", "method", "alpha", "seed", "paper_alpha"}
+# Config fields that are expected to vary between the runs of one task.
+_GROUPING_FIELDS = {
+    "task",
+    "method",
+    "alpha",
+    "seed",
+    "paper_alpha",
+    "data_seed",
+    "shots_per_class",
+    *METHOD_FIELDS,
+}
+
+# Display names and row order of the methods (unknown methods: their name, last).
+_METHOD_NAMES = {
+    "baseline": "baseline",
+    "doubled_batch": "doubled batch (no KL)",
+    "rdrop": "R-Drop",
+    "label_smoothing": "label smoothing",
+    "mixup": "MixUp",
+    "manifold_mixup": "Manifold MixUp",
+    "fgm": "FGM",
+    "rdrop_label_smoothing": "R-Drop + label smoothing",
+    "rdrop_mixup": "R-Drop + MixUp",
+    "rdrop_manifold_mixup": "R-Drop + Manifold MixUp",
+    "rdrop_fgm": "R-Drop + FGM",
+    "rdrop_semi": "R-Drop semi-supervised",
+}
+_METHOD_RANK = {name: rank for rank, name in enumerate(_METHOD_NAMES)}
+# The regularizers R-Drop is compared with and combined with: (alone, combined).
+_REGULARIZER_PAIRS = (
+    ("label_smoothing", "rdrop_label_smoothing"),
+    ("mixup", "rdrop_mixup"),
+    ("manifold_mixup", "rdrop_manifold_mixup"),
+    ("fgm", "rdrop_fgm"),
+)
+# Short labels of the options in a row label (field -> prefix).
+_OPTION_LABELS = {
+    "every_k_steps": "k=",
+    "num_passes": "m=",
+    "dropout_rates": "p=",
+    "stop_gradient": "stop-grad",
+    "label_smoothing": "ε_ls=",
+    "mixup_alpha": "α_mix=",
+    "manifold_mixup_alpha": "α_mm=",
+    "fgm_epsilon": "ε_fgm=",
+    "unlabeled_size": "unlabeled=",
+}
+
+Variant = tuple[tuple[str, Any], ...]
 
 
 class ReportWarning(UserWarning):
@@ -153,14 +208,25 @@ def load_records(results_dir: str | os.PathLike[str]) -> list[Record]:
                 ReportWarning,
                 stacklevel=2,
             )
-        key = (_task_name(record), _method(record), _alpha(record), record["config"]["seed"])
+        key = (
+            _section(record),
+            _method(record),
+            _alpha(record),
+            _variant(record),
+            record["config"]["seed"],
+            _data_seed(record),
+        )
         if key in by_key:
             previous_path, previous = by_key[key]
             newer = str(record.get("finished_at", "")) >= str(previous.get("finished_at", ""))
             kept, dropped = (path, previous_path) if newer else (previous_path, path)
+            where = f"task={key[0][0]} method={key[1]} alpha={key[2]} seed={key[4]}"
+            if key[3]:
+                where += " " + _variant_text(key[3])
+            if key[5]:
+                where += f" data_seed={key[5]}"
             warnings.warn(
-                f"two records for task={key[0]} method={key[1]} alpha={key[2]} seed={key[3]}: "
-                f"keeping {kept.name}, ignoring {dropped.name}",
+                f"two records for {where}: keeping {kept.name}, ignoring {dropped.name}",
                 ReportWarning,
                 stacklevel=2,
             )
@@ -168,7 +234,7 @@ def load_records(results_dir: str | os.PathLike[str]) -> list[Record]:
                 continue
         by_key[key] = (path, record)
     records = [record for _, record in by_key.values()]
-    records.sort(key=lambda r: (_task_name(r), _method_order(r), _seed(r)))
+    records.sort(key=lambda r: (_task_name(r), _method_order(r), _pair(r)))
     return records
 
 
@@ -192,6 +258,60 @@ def _seed(record: Record) -> int:
     return int(record["config"]["seed"])
 
 
+def _config(record: Record, key: str) -> Any:
+    """A config value, with the field's default for records older than the field."""
+    return config_value(record["config"], key)
+
+
+def _data_seed(record: Record) -> int:
+    return int(_config(record, "data_seed") or 0)
+
+
+def _pair(record: Record) -> tuple[int, int]:
+    """What pairs runs of different methods: the seed and the data draw."""
+    return _seed(record), _data_seed(record)
+
+
+def _shots(record: Record) -> int | None:
+    value = _config(record, "shots_per_class")
+    return None if value is None else int(value)
+
+
+def _section(record: Record) -> tuple[str, int | None]:
+    """The table a record belongs to: its task and its few-shot size."""
+    return _task_name(record), _shots(record)
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _variant(record: Record) -> Variant:
+    """The method options of a record that differ from their defaults (sorted)."""
+    items = []
+    for key in sorted(METHOD_FIELDS):
+        value = _hashable(_config(record, key))
+        default = _hashable(config_value({}, key))
+        if value != default:
+            items.append((key, value))
+    return tuple(items)
+
+
+def _option_text(key: str, value: Any) -> str:
+    prefix = _OPTION_LABELS.get(key, f"{key}=")
+    if key == "stop_gradient":
+        return prefix if value else "no stop-grad"
+    if isinstance(value, tuple):
+        return prefix + "(" + ",".join(f"{v:g}" for v in value) + ")"
+    if isinstance(value, float):
+        return prefix + f"{value:g}"
+    return prefix + str(value)
+
+
+def _variant_text(variant: Variant) -> str:
+    return " ".join(_option_text(k, v) for k, v in variant)
+
+
 def _finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -203,34 +323,52 @@ def _format_alpha(alpha: float) -> str:
     return f"{alpha:.1f}" if alpha == round(alpha, 1) else f"{alpha:g}"
 
 
-def method_label(method: str, alpha: float | None) -> str:
-    """Row label of a method in the report.
+def method_label(method: str, alpha: float | None, variant: Variant = ()) -> str:
+    """Row label of a method in the report: its name, alpha and non-default options.
 
     Example:
         >>> method_label("rdrop", 1.0), method_label("doubled_batch", None)
         ('R-Drop α=1.0', 'doubled batch (no KL)')
+        >>> method_label("rdrop", 1.0, (("every_k_steps", 5),))
+        'R-Drop α=1.0 k=5'
+        >>> method_label("rdrop", 1.0, (("dropout_rates", (0.1, 0.3)),))
+        'R-Drop α=1.0 p=(0.1,0.3)'
+        >>> method_label("mixup", None, (("mixup_alpha", 0.4),))
+        'MixUp α_mix=0.4'
     """
-    if method == "baseline":
-        return "baseline"
-    if method == "doubled_batch":
-        return "doubled batch (no KL)"
-    name = "R-Drop" if method == "rdrop" else method.replace("_", " ")
-    return name if alpha is None else f"{name} α={_format_alpha(alpha)}"
+    if method in ("baseline", "doubled_batch") and not variant:
+        return _METHOD_NAMES[method]
+    name = _METHOD_NAMES.get(method, method.replace("_", " "))
+    label = name if alpha is None else f"{name} α={_format_alpha(alpha)}"
+    return f"{label} {_variant_text(variant)}" if variant else label
 
 
 def _method_order(record: Record) -> tuple[Any, ...]:
-    return _order_key(_method(record), _alpha(record))
+    return _order_key(_method(record), _alpha(record), _variant(record))
 
 
-def _order_key(method: str, alpha: float | None) -> tuple[Any, ...]:
-    rank = {"baseline": 0, "doubled_batch": 1, "rdrop": 2}.get(method, 3)
-    return (rank, method, -1.0 if alpha is None else alpha)
+def _order_key(method: str, alpha: float | None, variant: Variant = ()) -> tuple[Any, ...]:
+    rank = _METHOD_RANK.get(method, len(_METHOD_RANK))
+    return (
+        rank,
+        method,
+        bool(variant),  # a method's plain rows (every alpha) before its ablations
+        -1.0 if alpha is None else alpha,
+        json.dumps([list(item) for item in variant], default=str),
+    )
+
+
+def _costs_like_rdrop(record: Record) -> bool:
+    info = record.get("method_info")
+    if isinstance(info, dict) and isinstance(info.get("costs_like_rdrop"), bool):
+        return bool(info["costs_like_rdrop"])
+    return _method(record) in _COSTS_LIKE_RDROP and not _variant(record)
 
 
 def _selection(record: Record, budget: str) -> dict[str, Any] | None:
     selections = record.get("selections") or {}
     selected = selections.get(budget)
-    if budget == "equal_time" and _method(record) in _COSTS_LIKE_RDROP:
+    if budget == "equal_time" and _costs_like_rdrop(record):
         # R-Drop sets the time budget, and the doubled batch costs the same per step: their
         # equal-time model is their equal-epochs model.
         selected = selections.get("equal_epochs")
@@ -258,26 +396,36 @@ def _seconds_per_step(record: Record) -> float | None:
 
 @dataclass
 class _Group:
-    """All seeds of one method (one row of a task's table)."""
+    """All seeds (and data draws) of one method (one row of a task's table)."""
 
     method: str
     alpha: float | None
     records: list[Record]
+    variant: Variant = ()
 
     @property
     def label(self) -> str:
-        return method_label(self.method, self.alpha)
+        return method_label(self.method, self.alpha, self.variant)
+
+    @property
+    def is_plain_rdrop(self) -> bool:
+        return self.method == "rdrop" and not self.variant
 
     @property
     def seeds(self) -> list[int]:
-        return [_seed(r) for r in self.records]
+        return sorted({_seed(r) for r in self.records})
 
-    def values(self, budget: str, split: str, metric: str) -> dict[int, float]:
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [_pair(r) for r in self.records]
+
+    def values(self, budget: str, split: str, metric: str) -> dict[tuple[int, int], float]:
+        """Selected scores by (seed, data seed)."""
         out = {}
         for record in self.records:
             value = _selected_value(record, budget, split, metric)
             if value is not None:
-                out[_seed(record)] = value
+                out[_pair(record)] = value
         return out
 
     def stat(self, budget: str, split: str, metric: str) -> tuple[float, float, int]:
@@ -294,16 +442,49 @@ class _Group:
 
 @dataclass
 class _Task:
-    """One task: its metadata, its method rows and the comparisons."""
+    """One task (one few-shot size): its metadata, its method rows and the comparisons."""
 
     name: str
     info: dict[str, Any]
     groups: list[_Group]
     notes: list[str] = field(default_factory=list)
+    shots: int | None = None
 
     @property
     def title(self) -> str:
-        return str(self.info.get("display_name") or self.name)
+        title = str(self.info.get("display_name") or self.name)
+        if self.shots is not None:
+            title += f", {self.shots} examples per class"
+        return title
+
+    @property
+    def stem(self) -> str:
+        """File-name stem of the task's plots."""
+        return self.name if self.shots is None else f"{self.name}_{self.shots}shot"
+
+    @property
+    def data_seeds(self) -> list[int]:
+        return sorted({_data_seed(r) for r in self.records})
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return sorted({p for g in self.groups for p in g.pairs})
+
+    @property
+    def shows_draws(self) -> bool:
+        """Whether runs differ by data draw (then tables name the draw)."""
+        return self.data_seeds != [0] and bool(self.data_seeds)
+
+    def group(self, method: str, alpha: float | None = None) -> _Group | None:
+        """The option-free row of ``method`` at ``alpha``."""
+        for group in self.groups:
+            if group.method != method or group.variant:
+                continue
+            if group.alpha == alpha or (
+                group.alpha is not None and alpha is not None and math.isclose(group.alpha, alpha)
+            ):
+                return group
+        return None
 
     @property
     def primary(self) -> str:
@@ -337,10 +518,15 @@ class _Task:
         return bool(base.values(budget, "test", self.primary))
 
     def paired(
-        self, group: _Group, budget: str, metric: str | None = None
+        self,
+        group: _Group,
+        budget: str,
+        metric: str | None = None,
+        reference: _Group | None = None,
     ) -> PairedDifference | None:
-        """Paired test difference ``group - baseline`` over the seeds both have."""
-        base = self.baseline
+        """Paired test difference ``group - reference`` (default: the baseline) over the
+        (seed, data seed) pairs both have."""
+        base = self.baseline if reference is None else reference
         if base is None or group is base:
             return None
         metric = metric or self.primary
@@ -367,7 +553,7 @@ class _Task:
 
     def chosen_rdrop(self) -> tuple[_Group, str] | None:
         """The R-Drop row the verdict uses: the paper's alpha, else best mean validation."""
-        candidates = [g for g in self.groups if g.method == "rdrop"]
+        candidates = [g for g in self.groups if g.is_plain_rdrop]
         if not candidates:
             return None
         paper = self.paper_alpha()
@@ -390,21 +576,24 @@ class _Task:
 
 
 def _group_tasks(records: Sequence[Record]) -> list[_Task]:
-    by_task: dict[str, list[Record]] = {}
+    by_task: dict[tuple[str, int | None], list[Record]] = {}
     for record in records:
-        by_task.setdefault(_task_name(record), []).append(record)
+        by_task.setdefault(_section(record), []).append(record)
     tasks = []
-    for name in sorted(by_task):
-        task_records = by_task[name]
-        by_method: dict[tuple[str, float | None], list[Record]] = {}
+    for name, shots in sorted(by_task, key=lambda key: (key[0], key[1] or 0)):
+        task_records = by_task[(name, shots)]
+        by_method: dict[tuple[str, float | None, Variant], list[Record]] = {}
         for record in task_records:
-            by_method.setdefault((_method(record), _alpha(record)), []).append(record)
+            key = (_method(record), _alpha(record), _variant(record))
+            by_method.setdefault(key, []).append(record)
         groups = [
-            _Group(method, alpha, sorted(rs, key=_seed))
-            for (method, alpha), rs in sorted(by_method.items(), key=lambda kv: _order_key(*kv[0]))
+            _Group(method, alpha, sorted(rs, key=_pair), variant)
+            for (method, alpha, variant), rs in sorted(
+                by_method.items(), key=lambda kv: _order_key(*kv[0])
+            )
         ]
         info = dict(task_records[0]["task"])
-        task = _Task(name=name, info=info, groups=groups)
+        task = _Task(name=name, info=info, groups=groups, shots=shots)
         task.notes = _consistency_notes(task)
         tasks.append(task)
     return tasks
@@ -419,14 +608,19 @@ def _consistency_notes(task: _Task) -> list[str]:
             notes.append(f"runs disagree on task.{key}: {', '.join(sorted(values))}")
     keys = sorted({k for r in task.records for k in r["config"]} - _GROUPING_FIELDS)
     for key in keys:
-        values = {
-            json.dumps(r["config"].get(key), sort_keys=True, default=str) for r in task.records
-        }
+        values = {json.dumps(_config(r, key), sort_keys=True, default=str) for r in task.records}
         if len(values) > 1:
             notes.append(f"config.{key} differs between runs: {', '.join(sorted(values))}")
     base = task.baseline
     for group in task.groups:
-        if base is not None and group is not base and set(group.seeds) != set(base.seeds):
+        if base is None or group is base or set(group.pairs) == set(base.pairs):
+            continue
+        if task.shows_draws:
+            notes.append(
+                f"{group.label} has (seed, data draw) pairs {sorted(group.pairs)}, the "
+                f"baseline {sorted(base.pairs)}; paired differences use the common pairs only"
+            )
+        else:
             notes.append(
                 f"{group.label} has seeds {group.seeds}, the baseline {base.seeds}; paired "
                 "differences use the common seeds only"
@@ -560,6 +754,114 @@ def _main_table(task: _Task) -> str:
     return _table(header, rows)
 
 
+def _model_lines(info: dict[str, Any]) -> list[str]:
+    """Model size, tokenizer and metric signature, for tasks that record them."""
+    facts = []
+    if "parameters" in info:
+        facts.append(f"model: {_count(info['parameters'])} trainable parameters")
+    if "tokenizer" in info:
+        facts.append(f"tokenizer: {info['tokenizer']}")
+    if "bleu_signature" in info:
+        facts.append(f"sacreBLEU signature: `{info['bleu_signature']}`")
+    if not facts:
+        return []
+    text = "; ".join(facts)
+    return ["", text[0].upper() + text[1:] + "."]
+
+
+def _regime_lines(task: _Task) -> list[str]:
+    """Few-shot and semi-supervised facts of a task section (none for other tasks)."""
+    lines = []
+    if task.shots is not None:
+        lines += [
+            "",
+            f"Few-shot: {task.shots} training examples per class, "
+            f"{len(task.data_seeds)} draw(s) of them (data seeds "
+            f"{', '.join(map(str, task.data_seeds))}). The validation split "
+            f"({_count(task.info.get('validation_examples', '?'))} examples) is used for "
+            "checkpoint selection only; a real few-shot user would not have it, so these "
+            "numbers are optimistic for every method alike.",
+        ]
+    semi = [r for r in task.records if _method(r) == "rdrop_semi"]
+    if semi:
+        pool = sorted({str(r["task"].get("unlabeled_examples", "?")) for r in semi})
+        seen = [
+            v
+            for r in semi
+            if (v := _finite((r.get("method_info") or {}).get("unlabeled_seen"))) is not None
+        ]
+        text = (
+            f"Semi-supervised: unlabeled pool of {', '.join(pool)} training examples outside "
+            "the labelled set (labels discarded)"
+        )
+        if seen:
+            text += f"; R-Drop semi-supervised used {mean_std(seen)[0]:,.0f} unlabeled "
+            text += "examples per run on average (with repeats once the pool is exhausted)"
+        lines += ["", text + "."]
+    return lines
+
+
+def _comparisons(task: _Task) -> list[tuple[_Group, _Group]]:
+    """(first, second) pairs worth a paired difference besides "vs baseline": R-Drop vs
+    each regularizer, each combination vs its parts, each ablation and the
+    semi-supervised run vs plain R-Drop at the same alpha."""
+    chosen = task.chosen_rdrop()
+    rdrop = chosen[0] if chosen is not None else None
+    pairs: list[tuple[_Group, _Group]] = []
+    for alone, combined in _REGULARIZER_PAIRS:
+        singles = [g for g in task.groups if g.method == alone]
+        if rdrop is not None:
+            pairs += [(rdrop, single) for single in singles]
+        for group in (g for g in task.groups if g.method == combined):
+            pairs += [(group, single) for single in singles]
+            same = task.group("rdrop", group.alpha)
+            if same is not None:
+                pairs.append((group, same))
+    for group in task.groups:
+        if (group.method == "rdrop" and group.variant) or group.method == "rdrop_semi":
+            same = task.group("rdrop", group.alpha)
+            if same is not None:
+                pairs.append((group, same))
+    return pairs
+
+
+def _pair_verdict(diff: PairedDifference | None, higher_is_better: bool) -> str:
+    if diff is None or diff.n < 2:
+        return f"n={0 if diff is None else diff.n}: no interval"
+    if not diff.t_excludes_zero():
+        return "no significant difference"
+    first_larger = diff.t_low > 0.0
+    return "first better" if first_larger == higher_is_better else "second better"
+
+
+def _comparison_table(task: _Task) -> str | None:
+    pairs = _comparisons(task)
+    if not pairs:
+        return None
+    metric, digits = task.primary, _digits(task, task.primary)
+    budgets = [b for b in BUDGETS if b == "equal_epochs" or task.has_budget(b)]
+    header = ["first", "second"]
+    for budget in budgets:
+        short = _BUDGET_SHORT[budget]
+        header += [f"Δ {metric} ({short})", "95% t-interval", "W/T/L", "verdict"]
+    rows = []
+    for first, second in pairs:
+        row = [first.label, second.label]
+        for budget in budgets:
+            diff = task.paired(first, budget, reference=second)
+            if diff is None:
+                row += ["—", "", "", "no common seeds"]
+                continue
+            row += [
+                format_signed(diff.mean, digits),
+                format_interval(diff.t_low, diff.t_high, digits),
+                _wtl(diff, task.higher_is_better),
+                _pair_verdict(diff, task.higher_is_better),
+            ]
+        rows.append(row)
+    return _table(header, rows)
+
+
 def _secondary_table(task: _Task) -> str | None:
     if len(task.metrics) < 2:
         return None
@@ -577,13 +879,17 @@ def _secondary_table(task: _Task) -> str | None:
     return _table(header, rows)
 
 
+def _pair_label(task: _Task, pair: tuple[int, int]) -> str:
+    return f"{pair[0]} / {pair[1]}" if task.shows_draws else str(pair[0])
+
+
 def _per_seed_table(task: _Task, budget: str) -> str:
     metric, digits = task.primary, _digits(task, task.primary)
-    header = ["seed"] + [g.label for g in task.groups]
+    header = ["seed / data draw" if task.shows_draws else "seed"] + [g.label for g in task.groups]
     columns = [g.values(budget, "test", metric) for g in task.groups]
     rows = [
-        [str(seed)] + [f"{c[seed]:.{digits}f}" if seed in c else "—" for c in columns]
-        for seed in task.seeds
+        [_pair_label(task, pair)] + [f"{c[pair]:.{digits}f}" if pair in c else "—" for c in columns]
+        for pair in task.pairs
     ]
     return _table(header, rows)
 
@@ -656,8 +962,12 @@ def _protocol_section(tasks: Sequence[_Task]) -> list[str]:
         if capped:
             budget += f" (not reached by {len(capped)} run(s): max_time_factor cap)"
         n_seeds = len(task.seeds)
-        fewer = [f"{g.label}: {len(g.records)}" for g in task.groups if len(g.records) < n_seeds]
-        seeds = f"{n_seeds}" + (f" (fewer for {'; '.join(fewer)})" if fewer else "")
+        n_pairs = len(task.pairs)
+        fewer = [f"{g.label}: {len(g.records)}" for g in task.groups if len(g.records) < n_pairs]
+        seeds = f"{n_seeds}"
+        if task.shows_draws:
+            seeds += f" × {len(task.data_seeds)} data draws"
+        seeds += f" (fewer for {'; '.join(fewer)})" if fewer else ""
         rows.append(
             [
                 task.title,
@@ -695,6 +1005,7 @@ def _protocol_section(tasks: Sequence[_Task]) -> list[str]:
         "called better only when the 95% t-interval of the paired difference excludes 0.",
         "- **Training sets are subsampled** (column *train used*), so absolute numbers are "
         "below the paper's; the comparison, not the level, is the point.",
+        *_extra_protocol(tasks),
         "",
         _table(
             [
@@ -709,6 +1020,47 @@ def _protocol_section(tasks: Sequence[_Task]) -> list[str]:
             rows,
         ),
     ]
+
+
+def _extra_protocol(tasks: Sequence[_Task]) -> list[str]:
+    """Protocol bullets for the methods, ablations and data regimes present (none for
+    reports of baseline, R-Drop and the doubled batch only)."""
+    groups = [g for t in tasks for g in t.groups]
+    lines = []
+    if any(g.method not in _COSTS_LIKE_RDROP | {"baseline"} or g.variant for g in groups):
+        lines.append(
+            "- **Other methods and ablations** at equal wall-clock time: only plain R-Drop "
+            "(k = 1, m = 2, one dropout rate, no stop-gradient) sets the time budget. Methods "
+            "that cost what it costs per step (the doubled batch, R-Drop + label smoothing, "
+            "R-Drop + MixUp, R-Drop + Manifold MixUp) use their equal-epochs model; every "
+            "other method and ablation is measured against the budget: a cheaper one trains "
+            "on until it, a dearer one (FGM, R-Drop + FGM, m = 3, semi-supervised R-Drop) is "
+            "selected among the evaluations made before it ran out. *× baseline s/step* is "
+            "the measured cost per step."
+        )
+    if any(t.shows_draws for t in tasks):
+        lines.append(
+            "- **Data draws**: tasks with several data seeds draw their training set (and "
+            "unlabeled pool) once per data seed; runs are paired by (seed, data draw), and "
+            "mean ± std and the intervals are over those pairs."
+        )
+    if any(t.shots is not None for t in tasks):
+        lines.append(
+            "- **Few-shot**: k training examples per class drawn from the whole training "
+            "split with the data seed. The validation split is the task's usual one and is "
+            "used for checkpoint selection only; a real few-shot user would not have a "
+            "development set this large, so every method's few-shot numbers are optimistic "
+            "alike."
+        )
+    if any(g.method == "rdrop_semi" for g in groups):
+        lines.append(
+            "- **Semi-supervised**: R-Drop semi-supervised adds, at every step, the "
+            "consistency term alone (weighted by α like the labelled one) on an unlabeled "
+            "batch of the labelled batch's size, drawn from a pool of training examples "
+            "outside the labelled set with their labels discarded; the baseline and R-Drop "
+            "rows train on the labelled examples only."
+        )
+    return lines
 
 
 def _environment_section(records: Sequence[Record]) -> list[str]:
@@ -757,11 +1109,22 @@ def _task_section(task: _Task, plots: Sequence[tuple[str, str]]) -> list[str]:
         f"{_count(info.get('validation_examples', '?'))}; test "
         f"{_count(info.get('test_examples', '?'))}; test split: "
         f"{info.get('test_split', 'not recorded')}.",
+        *_model_lines(info),
+        *_regime_lines(task),
         "",
         _verdict_line(task),
         "",
         _main_table(task),
     ]
+    comparisons = _comparison_table(task)
+    if comparisons is not None:
+        lines += [
+            "",
+            f"Method against method (paired test {task.primary} differences, first minus "
+            "second; *better* only when the 95% t-interval excludes 0):",
+            "",
+            comparisons,
+        ]
     secondary = _secondary_table(task)
     if secondary is not None:
         lines += ["", "All metrics (test, mean ± std over seeds):", "", secondary]
@@ -788,7 +1151,9 @@ def _task_section(task: _Task, plots: Sequence[tuple[str, str]]) -> list[str]:
 
 def _color_map(records: Sequence[Record]) -> dict[str, str]:
     """Method label -> colour, the same in every plot of the report."""
-    keys = sorted({(_method(r), _alpha(r)) for r in records}, key=lambda k: _order_key(*k))
+    keys = sorted(
+        {(_method(r), _alpha(r), _variant(r)) for r in records}, key=lambda k: _order_key(*k)
+    )
     palette = [
         "tab:blue",
         "tab:green",
@@ -801,9 +1166,9 @@ def _color_map(records: Sequence[Record]) -> dict[str, str]:
     ]
     fixed = {"baseline": "black", "doubled_batch": "tab:orange"}
     colors, index = {}, 0
-    for method, alpha in keys:
-        label = method_label(method, alpha)
-        if method in fixed:
+    for method, alpha, variant in keys:
+        label = method_label(method, alpha, variant)
+        if method in fixed and not variant:
             colors[label] = fixed[method]
         else:
             colors[label] = palette[index % len(palette)]
@@ -904,7 +1269,7 @@ def _curve_plot(
 
 
 def _alpha_plot(task: _Task, colors: dict[str, str], path: Path) -> bool:
-    groups = [g for g in task.groups if g.method == "rdrop" and g.alpha is not None and g.alpha > 0]
+    groups = [g for g in task.groups if g.is_plain_rdrop and g.alpha is not None and g.alpha > 0]
     if len(groups) < 2:
         return False
     figure = _new_figure()
@@ -953,7 +1318,7 @@ def _task_plots(task: _Task, colors: dict[str, str], plots_dir: Path) -> list[tu
     primary = task.primary
     budgets = [v for r in task.records if (v := _finite(r.get("time_budget_seconds"))) is not None]
     vline = (sum(budgets) / len(budgets), "equal-time budget") if budgets else None
-    stem = _safe_name(task.name)
+    stem = _safe_name(task.stem)
     specs: list[tuple[str, str, Callable[[Path], bool]]] = [
         (
             f"{task.title}: validation {primary} vs step",

@@ -3,7 +3,8 @@
 Protocol (the same for every method):
 
 1. Seed everything with the run's seed; the training subsample and the splits depend only
-   on ``data_seed``, so every method and seed sees the same data.
+   on ``data_seed``, so every method and seed sees the same data (few-shot sets and
+   unlabeled pools too: :mod:`rdrop.experiments.data_regimes`).
 2. AdamW, linear warm-up over ``warmup_ratio`` of the planned steps, then a constant
    learning rate (so a run that trains longer is the same run continued, which the
    equal-time comparison needs).
@@ -17,7 +18,11 @@ Protocol (the same for every method):
    epochs on the same task (the median over finished R-Drop runs with the same thread
    count; at most ``max_time_factor`` times the planned steps), are evaluated when they
    reach it, and the best validation checkpoint within that time is selected. Methods that
-   cost what R-Drop costs (``doubled_batch``) use their equal-epochs checkpoint.
+   cost what R-Drop costs (``doubled_batch``, R-Drop + MixUp, ...) use their equal-epochs
+   checkpoint. Methods that cost more per step (FGM, R-Drop + FGM, m = 3, semi-supervised
+   R-Drop) are measured the same way as the cheaper ones: they train their epochs, and the
+   equal-time selection only looks at the evaluations made before the budget ran out. The
+   budget comes from plain R-Drop runs only (k = 1, m = 2, no stop-gradient, one rate).
 5. The test split is scored once per selected checkpoint. It is never used for selection.
 """
 
@@ -38,13 +43,21 @@ import torch
 from torch import nn
 
 import rdrop
-from rdrop.experiments.config import RunConfig
-from rdrop.experiments.methods import get_method
+from rdrop.experiments.config import ConfigError, RunConfig, config_value, is_plain_rdrop
+from rdrop.experiments.data_regimes import select_training_data
+from rdrop.experiments.methods import RunContext, get_method
 from rdrop.experiments.progress import Progress
 from rdrop.experiments.store import ResultStore, environment
 from rdrop.experiments.tasks import Example, Task, get_task
 
-__all__ = ["evaluate", "run_suite", "train_run", "time_budget_for", "estimate_units"]
+__all__ = [
+    "check_run",
+    "estimate_units",
+    "evaluate",
+    "run_suite",
+    "time_budget_for",
+    "train_run",
+]
 
 State = dict[str, torch.Tensor]
 
@@ -73,6 +86,7 @@ def evaluate(
 
 
 def _same_budget(a: dict[str, Any], b: RunConfig) -> bool:
+    """Same data and epoch budget (records older than a field get its default)."""
     keys = (
         "task",
         "epochs",
@@ -82,18 +96,20 @@ def _same_budget(a: dict[str, Any], b: RunConfig) -> bool:
         "dropout",
         "data_seed",
         "lr",
+        "shots_per_class",
     )
-    return all(a.get(k) == getattr(b, k) for k in keys)
+    return all(config_value(a, k) == getattr(b, k) for k in keys)
 
 
 def time_budget_for(config: RunConfig, store: ResultStore) -> float | None:
-    """Median training seconds of finished R-Drop runs with the same data and epoch budget,
-    measured with the same number of torch threads as this process uses."""
+    """Median training seconds of finished plain R-Drop runs (k = 1, m = 2, no
+    stop-gradient, the model's dropout rate) with the same data and epoch budget, measured
+    with the same number of torch threads as this process uses."""
     threads = torch.get_num_threads()
     times = [
         record["train_seconds"]
         for record in store.records()
-        if record.get("config", {}).get("method") == "rdrop"
+        if is_plain_rdrop(record.get("config", {}))
         and _same_budget(record.get("config", {}), config)
         and record.get("environment", {}).get("torch_threads") == threads
     ]
@@ -107,11 +123,38 @@ def _planned_steps(config: RunConfig, train_examples: int) -> tuple[int, int]:
 
 def estimate_units(config: RunConfig, train_examples: int | None = None) -> float:
     """Rough cost of a run in baseline-step units (for the suite's ETA)."""
-    n = train_examples if train_examples is not None else (config.train_size or 1000)
-    _, steps = _planned_steps(config, n)
-    if config.method in ("rdrop", "doubled_batch"):
-        return 2.0 * steps
-    return 2.0 * steps if config.equal_time else float(steps)
+    if train_examples is None:
+        if config.shots_per_class is not None:
+            classes = max(2, get_task(config.task).num_labels)
+            train_examples = classes * config.shots_per_class
+        else:
+            train_examples = config.train_size or 1000
+    _, steps = _planned_steps(config, train_examples)
+    method = get_method(config.method)
+    cost = method.cost_for(config)
+    if method.costs_like_rdrop_for(config) or not config.equal_time:
+        return cost * steps
+    return max(cost, 2.0) * steps  # cheaper methods train on to the R-Drop time budget
+
+
+def check_run(config: RunConfig) -> None:
+    """Refuse a run that cannot work (before any data is loaded): the method must support
+    the task and the run's options; few-shot needs a classification task.
+
+    Raises:
+        ConfigError: naming the run, the task and the option.
+    """
+    task = get_task(config.task)
+    method = get_method(config.method)
+    try:
+        method.check(task, config)
+        if config.shots_per_class is not None and task.kind != "classification":
+            raise ConfigError(
+                f"shots_per_class: few-shot sampling needs classes, and task {task.name!r} "
+                f"is a {task.kind} task"
+            )
+    except ConfigError as error:
+        raise ConfigError(f"run {config.run_id()}: {error}") from None
 
 
 def _best_index(evals: list[dict[str, Any]], indices: list[int], primary: str, higher: bool) -> int:
@@ -138,30 +181,30 @@ def train_run(
     checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train one run to completion and write its record; returns the record."""
+    check_run(config)
     task = get_task(config.task)
     method = get_method(config.method)
-    if method.uses_alpha and config.alpha is None:
-        raise ValueError(f"run {config.run_id()}: method {config.method!r} needs an alpha")
+    costs_like_rdrop = method.costs_like_rdrop_for(config)
     started = datetime.now(timezone.utc)
     wall_start = time.perf_counter()
-    data = task.load(
-        data_dir,
-        config.train_size,
-        config.validation_size,
-        config.data_seed,
-        config.test_size,
-        max_length=config.max_length,
-    )
+    data, unlabeled = select_training_data(task, data_dir, config)
     steps_per_epoch, planned = _planned_steps(config, len(data.train))
     time_budget = None
-    if config.equal_time and not method.costs_like_rdrop:
+    if config.equal_time and not costs_like_rdrop:
         time_budget = time_budget_for(config, store)
     max_steps = planned if time_budget is None else math.ceil(planned * config.max_time_factor)
     eval_interval = max(1, steps_per_epoch // config.evals_per_epoch)
 
     _seed_everything(config.seed)
     model, collate = task.build(dropout=config.dropout, max_length=config.max_length, data=data)
-    module = method.prepare(model, task, config)
+    context = RunContext(
+        collate=collate,
+        # The method's own draws (MixUp, unlabeled order): a stream apart from dropout's.
+        generator=torch.Generator().manual_seed(config.seed + 1_000_003),
+        unlabeled=unlabeled,
+    )
+    model.train()
+    train_step = method.prepare(model, task, config, context)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -184,7 +227,7 @@ def train_run(
     step = 0
     consumed = 0.0
     epoch_order: list[int] = []
-    module.train()
+    model.train()
     status = f"{task.name} {method.label}" + (f" α={config.alpha:g}" if method.uses_alpha else "")
     status += f" seed {config.seed}"
 
@@ -239,9 +282,8 @@ def train_run(
         )
         inputs, target = collate([data.train[i] for i in batch_indices])
         tick = time.perf_counter()
-        out = method.step(module, inputs, target, task)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        out = train_step(inputs, target)  # forward and backward (FGM: two of each)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
@@ -285,7 +327,7 @@ def train_run(
     selections: dict[str, Any] = {}
     primary, higher = task.primary_metric, task.higher_is_better
     chosen = {"equal_epochs": _best_index(evals, in_epochs, primary, higher)}
-    if method.costs_like_rdrop:
+    if costs_like_rdrop:
         # Same compute per step as R-Drop: equal epochs is equal time.
         chosen["equal_time"] = chosen["equal_epochs"]
     elif time_budget is not None:
@@ -331,6 +373,13 @@ def train_run(
         "time_budget_seconds": time_budget,
         "time_budget_reached": None if time_budget is None else train_seconds >= time_budget,
         "selections": selections,
+        "method_info": {
+            "name": method.name,
+            "label": method.label,
+            "costs_like_rdrop": costs_like_rdrop,
+            "settings": method.settings(task, config),
+            **context.counters,
+        },
         "environment": environment(),
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -347,13 +396,14 @@ def _save_checkpoint(model: nn.Module, path: Path) -> None:
 
 
 def _order(runs: Sequence[RunConfig]) -> list[RunConfig]:
-    """R-Drop runs of a task before the other methods (they set the equal-time budget)."""
+    """Plain R-Drop runs of a task before the other methods (they set the equal-time
+    budget)."""
     tasks = list(dict.fromkeys(r.task for r in runs))
     ordered: list[RunConfig] = []
     for task in tasks:
         of_task = [r for r in runs if r.task == task]
-        ordered += [r for r in of_task if r.method == "rdrop"]
-        ordered += [r for r in of_task if r.method != "rdrop"]
+        ordered += [r for r in of_task if is_plain_rdrop(r)]
+        ordered += [r for r in of_task if not is_plain_rdrop(r)]
     return ordered
 
 
@@ -376,6 +426,8 @@ def run_suite(
             unique.append(config)
     finished = [c for c in unique if store.has(c.run_id())]
     pending = [c for c in unique if not store.has(c.run_id())]
+    for config in pending:  # refuse an impossible run before hours of the others
+        check_run(config)
     units = {c.run_id(): estimate_units(c) for c in pending}
     progress = Progress(sum(units.values()) or 1.0, stream=progress_stream)
     if finished:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from rdrop.experiments.tasks.base import DataError, Example, Task, TaskData, default_data_dir
 from rdrop.experiments.tasks.glue import GLUE_TASKS
+from rdrop.experiments.tasks.images import IMAGE_TASKS
 from rdrop.experiments.tasks.language_model import LM_TASKS
 from rdrop.experiments.tasks.translation import TRANSLATION_TASKS
 
 __all__ = ["TASKS", "DataError", "Example", "Task", "TaskData", "default_data_dir", "get_task"]
 
-TASKS: dict[str, Task] = {**GLUE_TASKS, **TRANSLATION_TASKS, **LM_TASKS}
+TASKS: dict[str, Task] = {**GLUE_TASKS, **TRANSLATION_TASKS, **LM_TASKS, **IMAGE_TASKS}
 
 
 def get_task(name: str) -> Task:

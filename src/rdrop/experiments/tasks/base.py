@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from torch import nn
+
+from rdrop.experiments.config import ConfigError
 
 __all__ = ["DataError", "Example", "TaskData", "Task", "default_data_dir"]
 
@@ -81,6 +83,36 @@ class Task(ABC):
     ignore_index: int = -100
     #: Run settings this task uses unless a run sets them (``rdrop run``, suite files).
     run_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    # -- Hooks of the regularizer methods (MixUp, Manifold MixUp, FGM). ------------------
+    #: Input MixUp mixes ``inputs[mixup_input_key]`` directly (a float tensor, e.g. an
+    #: image task's ``"pixel_values"``). ``None`` (text): MixUp mixes the output of the
+    #: embedding layer, ``mixing_layers(model)[0]``.
+    mixup_input_key: str | None = None
+    #: This task's MixUp alpha; ``None``: 1.0 when mixing raw inputs (Zhang et al.'s
+    #: CIFAR value, for images) and 0.2 when mixing text embeddings.
+    mixup_alpha: float | None = None
+
+    def mixing_layers(self, model: nn.Module) -> list[str]:
+        """Names (in ``model.named_modules()``) of the layers Manifold MixUp may mix at;
+        the first is the embedding output (input MixUp of a text model mixes there).
+
+        Raises:
+            ConfigError: the task does not support (Manifold) MixUp.
+        """
+        raise ConfigError(
+            f"task {self.name!r} defines no mixing layers (Task.mixing_layers): Manifold "
+            "MixUp, and MixUp of embeddings, are not available for it"
+        )
+
+    def embedding_module(self, model: nn.Module) -> nn.Module | None:
+        """The module whose weight FGM perturbs (a text model's word embeddings); ``None``
+        when the task has none (the FGM methods then refuse the task)."""
+        return None
+
+    def class_of(self, example: Any) -> Hashable:
+        """The class of a training example, for few-shot sampling (``example.label``)."""
+        return example.label
 
     @property
     def loss_task(self) -> Literal["cross_entropy", "mse"]:

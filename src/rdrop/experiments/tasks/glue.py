@@ -139,6 +139,16 @@ class GlueTask(Task):
 
         return model, collate
 
+    # -- regularizer hooks (MiniLM: a BertForSequenceClassification) ---------------------
+    def mixing_layers(self, model: nn.Module) -> list[str]:
+        """The embedding output, then the output of every encoder layer."""
+        layers = len(model.bert.encoder.layer)  # type: ignore[union-attr, arg-type]
+        return ["bert.embeddings", *(f"bert.encoder.layer.{i}" for i in range(layers))]
+
+    def embedding_module(self, model: nn.Module) -> nn.Module | None:
+        """The word-embedding table (FGM perturbs its weight)."""
+        return model.bert.embeddings.word_embeddings  # type: ignore[union-attr, return-value]
+
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(

@@ -13,6 +13,7 @@ split (lower is better), and bits per character.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -168,9 +169,11 @@ class TinyShakespeare(Task):
         max_length: int | None = None,
     ) -> TaskData:
         block = max_length or self.run_defaults["max_length"]
-        return _load_cached(
+        data = _load_cached(
             Path(data_dir), train_size, validation_size, data_seed, test_size, block
         )
+        # The splits are cached; ``info`` is this run's own (build() records into it).
+        return dataclasses.replace(data, info=dict(data.info))
 
     def build(
         self, *, dropout: float | None, max_length: int, data: TaskData | None = None

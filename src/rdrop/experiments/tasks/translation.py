@@ -12,6 +12,7 @@ The paper's translation setting: label smoothing 0.1 on the task loss, alpha = 5
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import random
@@ -218,9 +219,11 @@ class Multi30kTranslation(Task):
         *,
         max_length: int | None = None,
     ) -> TaskData:
-        return _load_cached(
+        data = _load_cached(
             Path(data_dir), train_size, validation_size, data_seed, test_size, self.vocab_size
         )
+        # The splits are cached; ``info`` is this run's own (build() records into it).
+        return dataclasses.replace(data, info=dict(data.info))
 
     def build(
         self, *, dropout: float | None, max_length: int, data: TaskData | None = None
