@@ -27,7 +27,8 @@ def _next_log_probs(
     model: Seq2SeqTransformer, tokens: Tensor, memory: Tensor, src_pad: Tensor, bos_id: int
 ) -> Tensor:
     """Log-probabilities of the next token; padding and BOS are never generated."""
-    log_probs = model.decode(tokens, memory, src_pad)[:, -1].float().log_softmax(dim=-1)
+    logits = model.decode(tokens, memory, src_pad, last_only=True)[:, -1]
+    log_probs = logits.float().log_softmax(dim=-1)
     log_probs[:, [model.pad_id, bos_id]] = float("-inf")
     return log_probs
 

@@ -123,8 +123,11 @@ class Seq2SeqTransformer(nn.Module):
         memory = self.transformer.encoder(self._embed(src_ids), src_key_padding_mask=src_pad)
         return memory, src_pad
 
-    def decode(self, tgt_ids: Tensor, memory: Tensor, src_pad: Tensor) -> Tensor:
-        """Next-token logits ``[B, T, V]`` for decoder inputs ``tgt_ids`` given the encoding."""
+    def decode(
+        self, tgt_ids: Tensor, memory: Tensor, src_pad: Tensor, *, last_only: bool = False
+    ) -> Tensor:
+        """Next-token logits ``[B, T, V]`` for decoder inputs ``tgt_ids`` given the encoding
+        (``[B, 1, V]`` for the last position only with ``last_only``, as decoding needs)."""
         _check_length(tgt_ids, self.max_positions, "tgt_ids")
         length = tgt_ids.shape[1]
         causal = _causal_mask(length, tgt_ids.device)
@@ -136,6 +139,8 @@ class Seq2SeqTransformer(nn.Module):
             tgt_key_padding_mask=tgt_ids == self.pad_id,
             memory_key_padding_mask=src_pad,
         )
+        if last_only:
+            hidden = hidden[:, -1:]
         return hidden @ self.embedding.weight.T
 
     def forward(self, src_ids: Tensor, tgt_ids: Tensor) -> Tensor:
