@@ -111,7 +111,9 @@ def _brute_force(model: Seq2SeqTransformer, src: torch.Tensor, limit: int) -> li
                 continue
             tgt = torch.tensor([[bos, *tokens[:-1]]])
             with torch.no_grad():
-                log_probs = model(src, tgt)[0].log_softmax(-1)
+                logits = model(src, tgt)[0]
+            logits[:, [pad, bos]] = -math.inf
+            log_probs = logits.log_softmax(-1)
             score = float(sum(log_probs[i, t] for i, t in enumerate(tokens))) / length
             if score > best_score:
                 best_score = score
@@ -128,6 +130,52 @@ def test_wide_beam_finds_the_exact_best_hypothesis(seed: int) -> None:
     # 64 keeps every prefix, so the search is exhaustive.
     found = beam_search(model, src, bos_id=1, eos_id=2, beam_size=64, max_len_a=0, max_len_b=3)
     assert found[0] == _brute_force(model, src, limit=3)
+
+
+def _reference_beam(model: Seq2SeqTransformer, src: torch.Tensor, k: int, limit: int) -> list[int]:
+    """One sentence at a time, written from the algorithm: rank the 2k best extensions; an
+    EOS ranked in the top k ends a hypothesis, the best k others continue; everything is
+    cut at ``limit``; a sentence is done when k hypotheses ended."""
+    bos, eos, pad = 1, 2, 0
+    beams: list[tuple[float, list[int]]] = [(0.0, [])]
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(1, limit + 1):
+        extensions = []
+        for score, tokens in beams:
+            with torch.no_grad():
+                logits = model(src, torch.tensor([[bos, *tokens]]))[0, -1]
+            logits[[pad, bos]] = -math.inf
+            for token, lp in enumerate(logits.log_softmax(-1).tolist()):
+                extensions.append((score + lp, tokens, token))
+        extensions.sort(key=lambda e: -e[0])
+        beams = []
+        for rank, (score, tokens, token) in enumerate(extensions[: 2 * k]):
+            if token == eos and rank >= k and step < limit:
+                continue
+            if token == eos or step == limit:
+                finished.append((score / step, tokens if token == eos else [*tokens, token]))
+                if len(finished) >= k:
+                    break
+            elif len(beams) < k:
+                beams.append((score, [*tokens, token]))
+        if len(finished) >= k or step == limit:
+            break
+    return max(finished, key=lambda f: f[0])[1]
+
+
+# (seed, beam size) pairs where ending a hypothesis at an EOS ranked below the top k
+# (a bug once) changes the result, plus two where it does not.
+@pytest.mark.parametrize(("seed", "beam_size"), [(0, 3), (24, 4), (1, 2), (2, 4)])
+def test_batched_beam_search_matches_a_one_sentence_reference(seed: int, beam_size: int) -> None:
+    torch.manual_seed(seed)  # an unsharpened model: EOS lands at every rank
+    model = Seq2SeqTransformer(6, d_model=16, nhead=2, num_layers=1, dim_feedforward=32).eval()
+    src = torch.randint(3, 6, (4, 5))
+    found = beam_search(
+        model, src, bos_id=1, eos_id=2, beam_size=beam_size, max_len_a=0, max_len_b=5
+    )
+    for row in range(4):
+        expected = _reference_beam(model, src[row : row + 1], beam_size, limit=5)
+        assert found[row] == expected, row
 
 
 def test_beam_of_one_is_greedy() -> None:

@@ -3,9 +3,11 @@
 Both decode a batch of source sentences (call them on a model in eval mode) and return
 token-id lists without BOS/EOS; padding and BOS are never generated. Beam search scores a
 hypothesis by its summed log-probability divided by ``length ** length_penalty`` (the
-length counts the EOS token), finalises a sentence once ``beam_size`` hypotheses have
-ended, and stops at ``max_len_a * source_length + max_len_b`` tokens (the fairseq
-convention).
+length counts the EOS token). Each step ranks the ``2 * beam_size`` best extensions; an
+EOS among the top ``beam_size`` of them ends a hypothesis, the best non-EOS extensions
+(up to ``beam_size``) continue; a sentence is final once ``beam_size`` hypotheses have
+ended, and every hypothesis is cut at ``max_len_a * source_length + max_len_b`` tokens
+(the fairseq conventions).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ def _max_lengths(src_ids: Tensor, pad_id: int, a: float, b: int, cap: int) -> li
 def _next_log_probs(
     model: Seq2SeqTransformer, tokens: Tensor, memory: Tensor, src_pad: Tensor, bos_id: int
 ) -> Tensor:
-    """Log-probabilities of the next token; padding and BOS are never generated."""
-    logits = model.decode(tokens, memory, src_pad, last_only=True)[:, -1]
-    log_probs = logits.float().log_softmax(dim=-1)
-    log_probs[:, [model.pad_id, bos_id]] = float("-inf")
-    return log_probs
+    """Log-probabilities of the next token over the tokens that can be generated (padding
+    and BOS are masked before the softmax, so the distribution is renormalised)."""
+    logits = model.decode(tokens, memory, src_pad, last_only=True)[:, -1].float()
+    logits[:, [model.pad_id, bos_id]] = float("-inf")
+    return logits.log_softmax(dim=-1)
 
 
 def _strip(tokens: list[int], eos_id: int) -> list[int]:
@@ -113,11 +115,14 @@ def beam_search(
         for b in range(batch):
             kept: list[tuple[int, int, float]] = []
             if active[b]:
-                for score, beam, token in zip(
+                candidates_b = zip(
                     top_scores[b].tolist(), beam_of[b].tolist(), token_of[b].tolist(), strict=True
-                ):
+                )
+                for rank, (score, beam, token) in enumerate(candidates_b):
                     if score == float("-inf"):
                         break
+                    if token == eos_id and rank >= k and step < limits[b]:
+                        continue  # only an EOS among the top k candidates ends a hypothesis
                     if token == eos_id or step == limits[b]:
                         prefix = tokens[b * k + beam, 1:].tolist()
                         hypothesis = prefix if token == eos_id else [*prefix, token]
