@@ -78,6 +78,7 @@ class ToyTask(Task):
     num_labels = C
     metrics = ("accuracy",)
     primary_metric = "accuracy"
+    has_token_embeddings = True
 
     def __init__(self, examples: list[Example] | None = None) -> None:
         self.examples = examples or []
@@ -110,6 +111,7 @@ class ToyRegression(ToyTask):
 class ToyImageTask(ToyTask):
     name = "toy_image"
     mixup_input_key = "pixel_values"
+    has_token_embeddings = False
 
     def mixing_layers(self, model: nn.Module) -> list[str]:
         return Task.mixing_layers(self, model)

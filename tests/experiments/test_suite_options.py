@@ -300,6 +300,16 @@ def test_cli_run_refuses_an_option_no_chosen_method_reads(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("method", ["fgm", "rdrop_fgm"])
+@pytest.mark.parametrize("task", ["fmnist_cnn", "fmnist_vit", "shakespeare"])
+def test_fgm_is_refused_before_any_run_on_tasks_without_token_embeddings(
+    task: str, method: str
+) -> None:
+    alpha = 1.0 if method == "rdrop_fgm" else None
+    with pytest.raises(ConfigError, match=f"task '{task}'"):
+        check_run(RunConfig(task, method, alpha=alpha))
+
+
 def test_cli_run_needs_an_alpha_for_a_task_without_a_paper_alpha(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -240,9 +240,14 @@ def cmd_probe(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.batches < 1 or args.batch_size < 1:
         raise ConfigError("--batches and --batch-size must be >= 1")
     task = get_task(args.task)
-    data = task.load(_data_dir(args), None, None, 0)
+    # Tasks whose vocabulary is fitted on the training split (translation, the LM) must see
+    # the same training examples as the checkpoint's run, or the token ids mean other
+    # things: the defaults are those of the task's default run.
+    train_size = args.train_size if args.train_size else task.run_defaults.get("train_size")
+    max_length = args.max_length or task.run_defaults.get("max_length", 128)
+    data = task.load(_data_dir(args), train_size, None, args.data_seed, max_length=max_length)
     torch.manual_seed(args.seed)
-    model, collate = task.build(dropout=args.dropout, max_length=128, data=data)
+    model, collate = task.build(dropout=args.dropout, max_length=max_length, data=data)
     if args.checkpoint:
         from safetensors.torch import load_model
 
@@ -388,6 +393,19 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--batch-size", type=int, default=32)
     probe.add_argument("--dropout", type=float, default=None)
     probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="training examples the tokenizer is fitted on, as in the checkpoint's run "
+        "(default: the task's run default; matters for multi30k and shakespeare)",
+    )
+    probe.add_argument(
+        "--data-seed", type=int, default=0, help="the checkpoint's run data_seed (default 0)"
+    )
+    probe.add_argument(
+        "--max-length", type=int, default=None, help="default: the task's run default or 128"
+    )
     probe.add_argument("--data-dir", default=None)
     probe.set_defaults(handler=cmd_probe)
     return parser

@@ -298,6 +298,11 @@ class _FGMBase(Method):
     def check(self, task: Task, config: RunConfig) -> None:
         super().check(task, config)
         require_kind(self, task, ("classification", "regression"), "FGM")
+        if not task.has_token_embeddings:
+            raise ConfigError(
+                f"method {self.name!r} perturbs token embeddings, and task {task.name!r} has "
+                "none (Task.has_token_embeddings is False)"
+            )
 
     def settings(self, task: Task, config: RunConfig) -> dict[str, Any]:
         return {"fgm_epsilon": _fgm_epsilon(config), "perturbs": "embedding weight"}

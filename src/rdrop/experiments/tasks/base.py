@@ -105,6 +105,10 @@ class Task(ABC):
             "MixUp, and MixUp of embeddings, are not available for it"
         )
 
+    #: Whether :meth:`embedding_module` returns a module (known without building a model,
+    #: so that suites refuse FGM on other tasks before any run starts).
+    has_token_embeddings: bool = False
+
     def embedding_module(self, model: nn.Module) -> nn.Module | None:
         """The module whose weight FGM perturbs (a text model's word embeddings); ``None``
         when the task has none (the FGM methods then refuse the task)."""

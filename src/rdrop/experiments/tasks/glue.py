@@ -84,6 +84,8 @@ def _parse(path: Path, fmt: _Format) -> list[Example]:
 class GlueTask(Task):
     """One GLUE task: file layout, metrics and the paper's alpha for it."""
 
+    has_token_embeddings = True
+
     def __init__(
         self,
         name: str,
