@@ -99,6 +99,17 @@ def rdrop_wrapper(
     return wrapped
 
 
+def _wrapped_step(wrapped: rdrop.RDrop) -> TrainStep:
+    """A training step through an :class:`rdrop.RDrop` wrapper: forward, backward, output."""
+
+    def step(inputs: dict[str, torch.Tensor], target: torch.Tensor) -> StepOutput:
+        out = wrapped(**inputs, target=target)
+        _backward(out.loss)
+        return _rdrop_output(out)
+
+    return step
+
+
 def _rdrop_output(out: rdrop.RDropOutput) -> StepOutput:
     return StepOutput(out.loss, out.task_loss, out.consistency_loss)
 
@@ -175,13 +186,7 @@ class RDropMethod(Method):
         self, model: nn.Module, task: Task, config: RunConfig, context: RunContext
     ) -> TrainStep:
         wrapped = rdrop_wrapper(model, task, _alpha(self, config), config=config)
-
-        def step(inputs: dict[str, torch.Tensor], target: torch.Tensor) -> StepOutput:
-            out = wrapped(**inputs, target=target)
-            _backward(out.loss)
-            return _rdrop_output(out)
-
-        return step
+        return _wrapped_step(wrapped)
 
 
 class DoubledBatch(Method):
@@ -194,13 +199,7 @@ class DoubledBatch(Method):
         self, model: nn.Module, task: Task, config: RunConfig, context: RunContext
     ) -> TrainStep:
         wrapped = rdrop_wrapper(model, task, 0.0)
-
-        def step(inputs: dict[str, torch.Tensor], target: torch.Tensor) -> StepOutput:
-            out = wrapped(**inputs, target=target)
-            _backward(out.loss)
-            return _rdrop_output(out)
-
-        return step
+        return _wrapped_step(wrapped)
 
 
 class RDropLabelSmoothing(Method):
@@ -224,13 +223,7 @@ class RDropLabelSmoothing(Method):
         wrapped = rdrop_wrapper(
             model, task, _alpha(self, config), label_smoothing=_label_smoothing(config)
         )
-
-        def step(inputs: dict[str, torch.Tensor], target: torch.Tensor) -> StepOutput:
-            out = wrapped(**inputs, target=target)
-            _backward(out.loss)
-            return _rdrop_output(out)
-
-        return step
+        return _wrapped_step(wrapped)
 
 
 class UnlabeledBatches:
