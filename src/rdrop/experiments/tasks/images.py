@@ -548,8 +548,14 @@ class _FashionMNISTTask(Task):
         # adds the model's parameter count to it).
         return TaskData(data.train, data.validation, data.test, dict(data.info), data.resources)
 
+    #: The model class, built from ``model_kwargs`` (``dropout`` overridable per run).
+    model_class: ClassVar[type[nn.Module]]
+
     def _model(self, dropout: float | None) -> nn.Module:
-        raise NotImplementedError
+        kwargs = dict(self.model_kwargs)
+        if dropout is not None:
+            kwargs["dropout"] = dropout
+        return self.model_class(**kwargs)
 
     def build(
         self, *, dropout: float | None, max_length: int, data: TaskData | None = None
@@ -580,6 +586,7 @@ class FashionMNISTViT(_FashionMNISTTask):
 
     name = "fmnist_vit"
     display_name = "Fashion-MNIST (ViT)"
+    model_class = VisionTransformer
     paper_alpha = None
     run_defaults: ClassVar[Mapping[str, Any]] = {
         "lr": 1e-3,
@@ -614,12 +621,6 @@ class FashionMNISTViT(_FashionMNISTTask):
             dropout=dropout,
         )
 
-    def _model(self, dropout: float | None) -> nn.Module:
-        kwargs = dict(self.model_kwargs)
-        if dropout is not None:
-            kwargs["dropout"] = dropout
-        return VisionTransformer(**kwargs)
-
     def mixing_layers(self, model: nn.Module) -> list[str]:
         """The patch embedding's output (tokens), then each transformer block's output.
 
@@ -639,6 +640,7 @@ class FashionMNISTCNN(_FashionMNISTTask):
 
     name = "fmnist_cnn"
     display_name = "Fashion-MNIST (CNN)"
+    model_class = SmallCNN
     paper_alpha = None
     run_defaults: ClassVar[Mapping[str, Any]] = {
         "lr": 1e-3,
@@ -666,12 +668,6 @@ class FashionMNISTCNN(_FashionMNISTTask):
             hidden=hidden,
             dropout=dropout,
         )
-
-    def _model(self, dropout: float | None) -> nn.Module:
-        kwargs = dict(self.model_kwargs)
-        if dropout is not None:
-            kwargs["dropout"] = dropout
-        return SmallCNN(**kwargs)
 
     def mixing_layers(self, model: nn.Module) -> list[str]:
         """Each conv block's output (the first block's first).
