@@ -41,6 +41,12 @@ class TaskData:
     info: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
 
+    def with_own_info(self) -> TaskData:
+        """The same (shared, e.g. cached) splits and resources with a copy of ``info``, so
+        that what one run records into it (``build`` adds the parameter count) stays its
+        own."""
+        return TaskData(self.train, self.validation, self.test, dict(self.info), self.resources)
+
 
 def default_data_dir() -> Path:
     """``$RDROP_DATA_DIR``, else ``../shared/data`` next to the working directory or the repo."""

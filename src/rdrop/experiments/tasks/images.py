@@ -544,9 +544,7 @@ class _FashionMNISTTask(Task):
             self.validation_images,
             _stamp(folder),
         )
-        # The splits and images are shared between loads; ``info`` is per load (``build``
-        # adds the model's parameter count to it).
-        return TaskData(data.train, data.validation, data.test, dict(data.info), data.resources)
+        return data.with_own_info()  # the splits are cached and shared between loads
 
     #: The model class, built from ``model_kwargs`` (``dropout`` overridable per run).
     model_class: ClassVar[type[nn.Module]]

@@ -13,7 +13,6 @@ split (lower is better), and bits per character.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import random
@@ -172,8 +171,7 @@ class TinyShakespeare(Task):
         data = _load_cached(
             Path(data_dir), train_size, validation_size, data_seed, test_size, block
         )
-        # The splits are cached; ``info`` is this run's own (build() records into it).
-        return dataclasses.replace(data, info=dict(data.info))
+        return data.with_own_info()  # the splits are cached and shared between loads
 
     def build(
         self, *, dropout: float | None, max_length: int, data: TaskData | None = None

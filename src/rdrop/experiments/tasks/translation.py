@@ -12,7 +12,6 @@ The paper's translation setting: label smoothing 0.1 on the task loss, alpha = 5
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gzip
 import random
@@ -222,8 +221,7 @@ class Multi30kTranslation(Task):
         data = _load_cached(
             Path(data_dir), train_size, validation_size, data_seed, test_size, self.vocab_size
         )
-        # The splits are cached; ``info`` is this run's own (build() records into it).
-        return dataclasses.replace(data, info=dict(data.info))
+        return data.with_own_info()  # the splits are cached and shared between loads
 
     def build(
         self, *, dropout: float | None, max_length: int, data: TaskData | None = None
