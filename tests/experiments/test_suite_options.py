@@ -4,6 +4,7 @@ unlabeled pools): validation, suite expansion, run-id stability and the time bud
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -213,9 +214,7 @@ def test_per_task_methods() -> None:
     assert runs[-1].train_size == 100
 
 
-@pytest.mark.parametrize(
-    "name", ["regularizers", "ablations", "few_shot", "semi_supervised", "glue", "alpha_sweep"]
-)
+@pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "configs").glob("*.toml")))
 def test_committed_configs_load_and_pass_the_preflight(name: str) -> None:
     loaded = load_suite(
         ROOT / "configs" / f"{name}.toml",
@@ -325,3 +324,35 @@ def test_cli_sweep_dry_run_lists_variants(
     assert main(["sweep", str(ROOT / "configs" / "ablations.toml"), "--dry-run"]) == 0
     lines = capsys.readouterr().out.split()
     assert len(lines) == 24 and len(set(lines)) == 24
+
+
+def test_cli_sweep_runs_a_chunk_by_task_and_few_shot_size(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = str(ROOT / "configs" / "few_shot.toml")
+    chunk = ["sweep", config, "--dry-run", "--tasks", "sst2", "--shots-per-class", "64"]
+    assert main(chunk) == 0
+    lines = capsys.readouterr().out.split()
+    assert len(lines) == 15 and all(line.startswith("sst2__") for line in lines)
+    assert main(["sweep", config, "--dry-run"]) == 0
+    everything = capsys.readouterr().out.split()
+    assert set(lines) < set(everything) and len(everything) == 60
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "pattern"),
+    [
+        (
+            "--shots-per-class",
+            "32",
+            r"--shots-per-class: \[32\] not in the suite \(it has \[16, 64\]\)",
+        ),
+        ("--tasks", "cola", r"--tasks: \['cola'\] not in the suite"),
+    ],
+)
+def test_cli_sweep_names_a_chunk_the_suite_does_not_have(
+    flag: str, value: str, pattern: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(ROOT / "configs" / "few_shot.toml")
+    assert main(["sweep", config, "--dry-run", flag, value]) != 0
+    assert re.search(pattern, capsys.readouterr().err)

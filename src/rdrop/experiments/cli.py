@@ -183,6 +183,20 @@ def _execute(runs: list[RunConfig], args: argparse.Namespace, argv: Sequence[str
     return 0
 
 
+def _chunk(
+    runs: list[RunConfig], flag: str, field: str, wanted: Sequence[Any] | None
+) -> list[RunConfig]:
+    """The runs whose ``field`` is one of ``wanted`` (all of them when ``wanted`` is None)."""
+    if not wanted:
+        return runs
+    present = {getattr(r, field) for r in runs}
+    unknown = sorted(set(wanted) - present, key=str)
+    if unknown:
+        known = sorted(present, key=str)
+        raise ConfigError(f"{flag}: {unknown} not in the suite (it has {known})")
+    return [r for r in runs if getattr(r, field) in wanted]
+
+
 def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     suite = load_suite(
         Path(args.config),
@@ -192,12 +206,8 @@ def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     if args.results_dir is None:
         args.results_dir = str(Path("runs") / suite.name)
-    runs = list(suite.runs)
-    if args.tasks:
-        unknown = sorted(set(args.tasks) - {r.task for r in runs})
-        if unknown:
-            raise ConfigError(f"--tasks: {unknown} not in the suite's tasks")
-        runs = [r for r in runs if r.task in args.tasks]
+    runs = _chunk(list(suite.runs), "--tasks", "task", args.tasks)
+    runs = _chunk(runs, "--shots-per-class", "shots_per_class", args.shots_per_class)
     if args.dry_run:
         from rdrop.experiments.runner import check_run
 
@@ -373,6 +383,13 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     sweep.add_argument(
         "--tasks", nargs="+", default=None, help="run only these tasks of the suite (a chunk)"
+    )
+    sweep.add_argument(
+        "--shots-per-class",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run only the few-shot runs with these sizes (a chunk)",
     )
     common(sweep, None)
     sweep.set_defaults(handler=cmd_sweep)
