@@ -385,6 +385,18 @@ def test_partial_and_corrupt_files_are_skipped(tmp_path: Path) -> None:
         assert write_report(tmp_path).is_file()
 
 
+def test_equal_time_runs_made_on_different_days_get_a_note(tmp_path: Path) -> None:
+    records = sst2_records()
+    one_day = write_report(write_records(tmp_path / "one", records)).read_text(encoding="utf-8")
+    assert "different days" not in one_day
+    records[0] = dict(records[0], started_at="2024-01-09T10:00:00")  # a baseline run
+    text = write_report(write_records(tmp_path / "two", records)).read_text(encoding="utf-8")
+    assert "runs were made on 2 different days (2024-01-01, 2024-01-09)" in text
+    untimed = [dict(r, time_budget_seconds=None) for r in records]
+    text = write_report(write_records(tmp_path / "three", untimed)).read_text(encoding="utf-8")
+    assert "different days" not in text
+
+
 def test_duplicate_runs_keep_the_last_finished(tmp_path: Path) -> None:
     old = make_record(SST2, "baseline", None, 0, 0.5, 0.5)
     new = dict(make_record(SST2, "baseline", None, 0, 0.7, 0.7), finished_at="2024-02-01T00:00:00")

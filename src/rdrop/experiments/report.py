@@ -611,6 +611,14 @@ def _consistency_notes(task: _Task) -> list[str]:
         values = {json.dumps(_config(r, key), sort_keys=True, default=str) for r in task.records}
         if len(values) > 1:
             notes.append(f"config.{key} differs between runs: {', '.join(sorted(values))}")
+    days = sorted({str(r["started_at"])[:10] for r in task.records if r.get("started_at")})
+    timed = any(r.get("time_budget_seconds") is not None for r in task.records)
+    if timed and len(days) > 1:
+        notes.append(
+            f"runs were made on {len(days)} different days ({', '.join(days)}); the equal-time "
+            "budget is wall-clock, so equal-time comparisons assume the machine ran at the "
+            "same speed on each (compare the s/step column with earlier reports)"
+        )
     base = task.baseline
     for group in task.groups:
         if base is None or group is base or set(group.pairs) == set(base.pairs):
