@@ -339,6 +339,17 @@ def test_cli_sweep_runs_a_chunk_by_task_and_few_shot_size(
     assert set(lines) < set(everything) and len(everything) == 60
 
 
+def test_cli_sweep_runs_a_chunk_by_seed_and_data_draw(capsys: pytest.CaptureFixture[str]) -> None:
+    regularizers = str(ROOT / "configs" / "regularizers.toml")
+    assert main(["sweep", regularizers, "--dry-run", "--tasks", "stsb", "--seeds", "1"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert len(lines) == 8 and all(line.startswith("stsb__") and "__s1__" in line for line in lines)
+    few_shot = str(ROOT / "configs" / "few_shot.toml")
+    assert main(["sweep", few_shot, "--dry-run", "--tasks", "mrpc", "--data-seeds", "0", "2"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert len(lines) == 20 and all(line.startswith("mrpc__") for line in lines)
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "pattern"),
     [
@@ -348,6 +359,8 @@ def test_cli_sweep_runs_a_chunk_by_task_and_few_shot_size(
             r"--shots-per-class: \[32\] not in the suite \(it has \[16, 64\]\)",
         ),
         ("--tasks", "cola", r"--tasks: \['cola'\] not in the suite"),
+        ("--seeds", "5", r"--seeds: \[5\] not in the suite \(it has \[0\]\)"),
+        ("--data-seeds", "3", r"--data-seeds: \[3\] not in the suite \(it has \[0, 1, 2\]\)"),
     ],
 )
 def test_cli_sweep_names_a_chunk_the_suite_does_not_have(

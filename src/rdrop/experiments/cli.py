@@ -208,6 +208,8 @@ def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
         args.results_dir = str(Path("runs") / suite.name)
     runs = _chunk(list(suite.runs), "--tasks", "task", args.tasks)
     runs = _chunk(runs, "--shots-per-class", "shots_per_class", args.shots_per_class)
+    runs = _chunk(runs, "--seeds", "seed", args.seeds)
+    runs = _chunk(runs, "--data-seeds", "data_seed", args.data_seeds)
     if args.dry_run:
         from rdrop.experiments.runner import check_run
 
@@ -390,6 +392,20 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="run only the few-shot runs with these sizes (a chunk)",
+    )
+    sweep.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run only the runs with these training seeds (a chunk: whole seeds pair up)",
+    )
+    sweep.add_argument(
+        "--data-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run only the runs with these data draws (a chunk)",
     )
     common(sweep, None)
     sweep.set_defaults(handler=cmd_sweep)

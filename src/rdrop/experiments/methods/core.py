@@ -129,9 +129,9 @@ class Baseline(Method):
         return step
 
 
-class LabelSmoothing(Method):
-    name = "label_smoothing"
-    label = "label smoothing"
+class _SmoothedTargets(Method):
+    """A method with the ``label_smoothing`` option (classification and sequence tasks)."""
+
     fields = frozenset({"label_smoothing"})
 
     def check(self, task: Task, config: RunConfig) -> None:
@@ -140,6 +140,11 @@ class LabelSmoothing(Method):
 
     def settings(self, task: Task, config: RunConfig) -> dict[str, Any]:
         return {"label_smoothing": _label_smoothing(config)}
+
+
+class LabelSmoothing(_SmoothedTargets):
+    name = "label_smoothing"
+    label = "label smoothing"
 
     def prepare(
         self, model: nn.Module, task: Task, config: RunConfig, context: RunContext
@@ -202,20 +207,12 @@ class DoubledBatch(Method):
         return _wrapped_step(wrapped)
 
 
-class RDropLabelSmoothing(Method):
+class RDropLabelSmoothing(_SmoothedTargets):
     name = "rdrop_label_smoothing"
     label = "R-Drop + label smoothing"
     uses_alpha = True
     costs_like_rdrop = True
-    fields = frozenset({"label_smoothing"})
     relative_cost = 2.0
-
-    def check(self, task: Task, config: RunConfig) -> None:
-        super().check(task, config)
-        require_kind(self, task, ("classification", "sequence"), "label smoothing")
-
-    def settings(self, task: Task, config: RunConfig) -> dict[str, Any]:
-        return {"label_smoothing": _label_smoothing(config)}
 
     def prepare(
         self, model: nn.Module, task: Task, config: RunConfig, context: RunContext
