@@ -183,18 +183,39 @@ def _execute(runs: list[RunConfig], args: argparse.Namespace, argv: Sequence[str
     return 0
 
 
-def _chunk(
-    runs: list[RunConfig], flag: str, field: str, wanted: Sequence[Any] | None
-) -> list[RunConfig]:
-    """The runs whose ``field`` is one of ``wanted`` (all of them when ``wanted`` is None)."""
-    if not wanted:
-        return runs
-    present = {getattr(r, field) for r in runs}
-    unknown = sorted(set(wanted) - present, key=str)
-    if unknown:
-        known = sorted(present, key=str)
-        raise ConfigError(f"{flag}: {unknown} not in the suite (it has {known})")
-    return [r for r in runs if getattr(r, field) in wanted]
+#: ``rdrop sweep`` flags that run part of a suite (a chunk): flag, the run field it
+#: selects on, the flag's value type and its help text.
+_CHUNK_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--tasks", "task", str, "run only these tasks of the suite (a chunk)"),
+    (
+        "--shots-per-class",
+        "shots_per_class",
+        int,
+        "run only the few-shot runs with these sizes (a chunk)",
+    ),
+    (
+        "--seeds",
+        "seed",
+        int,
+        "run only the runs with these training seeds (a chunk: whole seeds pair up)",
+    ),
+    ("--data-seeds", "data_seed", int, "run only the runs with these data draws (a chunk)"),
+)
+
+
+def _chunk(runs: list[RunConfig], args: argparse.Namespace) -> list[RunConfig]:
+    """The runs that every chunk flag given in ``args`` selects (all runs when none is)."""
+    for flag, field, _, _ in _CHUNK_FLAGS:
+        wanted = getattr(args, field)
+        if not wanted:
+            continue
+        present = {getattr(r, field) for r in runs}
+        unknown = sorted(set(wanted) - present, key=str)
+        if unknown:
+            known = sorted(present, key=str)
+            raise ConfigError(f"{flag}: {unknown} not in the suite (it has {known})")
+        runs = [r for r in runs if getattr(r, field) in wanted]
+    return runs
 
 
 def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -206,10 +227,7 @@ def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     if args.results_dir is None:
         args.results_dir = str(Path("runs") / suite.name)
-    runs = _chunk(list(suite.runs), "--tasks", "task", args.tasks)
-    runs = _chunk(runs, "--shots-per-class", "shots_per_class", args.shots_per_class)
-    runs = _chunk(runs, "--seeds", "seed", args.seeds)
-    runs = _chunk(runs, "--data-seeds", "data_seed", args.data_seeds)
+    runs = _chunk(list(suite.runs), args)
     if args.dry_run:
         from rdrop.experiments.runner import check_run
 
@@ -383,30 +401,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a suite file (TOML/YAML); resumable")
     sweep.add_argument("config")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    sweep.add_argument(
-        "--tasks", nargs="+", default=None, help="run only these tasks of the suite (a chunk)"
-    )
-    sweep.add_argument(
-        "--shots-per-class",
-        type=int,
-        nargs="+",
-        default=None,
-        help="run only the few-shot runs with these sizes (a chunk)",
-    )
-    sweep.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=None,
-        help="run only the runs with these training seeds (a chunk: whole seeds pair up)",
-    )
-    sweep.add_argument(
-        "--data-seeds",
-        type=int,
-        nargs="+",
-        default=None,
-        help="run only the runs with these data draws (a chunk)",
-    )
+    for flag, field, kind, text in _CHUNK_FLAGS:
+        sweep.add_argument(flag, dest=field, type=kind, nargs="+", default=None, help=text)
     common(sweep, None)
     sweep.set_defaults(handler=cmd_sweep)
 
