@@ -1,0 +1,101 @@
+"""Turn finished run records into ``REPORT.md`` and plots.
+
+Reads ``<results_dir>/runs/*.json`` (one record per finished run, written by the runner),
+aggregates them per task and method (mean ± std over seeds, paired differences against the
+baseline at two budgets) and writes ``REPORT.md`` plus PNG plots in ``plots/``.
+
+A table is one task (and, for few-shot runs, one number of shots per class); a row is one
+method with its alpha and its non-default options (an ablation such as ``k=5`` is its own
+row, never merged with plain R-Drop); runs are paired by (seed, data seed). Records
+written before a config field existed are read with that field's default.
+
+matplotlib is imported only inside the plotting functions (``import rdrop`` and
+``import rdrop.experiments.report`` never import it).
+
+Modules: ``_records`` (reading records), ``_grouping`` (tables, paired differences,
+verdict), ``_markdown`` (the text) and ``_plots`` (the PNGs).
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     (Path(tmp) / "runs").mkdir()
+    ...     load_records(tmp)
+    []
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rdrop.experiments.report._grouping import (
+    VERDICT_BASELINE_BETTER,
+    VERDICT_NO_DIFFERENCE,
+    VERDICT_RDROP_BETTER,
+    group_tasks,
+    verdict,
+)
+from rdrop.experiments.report._markdown import (
+    environment_section,
+    protocol_section,
+    summary_table,
+    task_section,
+    verdict_line,
+)
+from rdrop.experiments.report._plots import color_map, task_plots
+from rdrop.experiments.report._records import BUDGETS, ReportWarning, load_records, method_label
+
+__all__ = [
+    "BUDGETS",
+    "ReportWarning",
+    "VERDICT_BASELINE_BETTER",
+    "VERDICT_NO_DIFFERENCE",
+    "VERDICT_RDROP_BETTER",
+    "load_records",
+    "method_label",
+    "summary_table",
+    "verdict",
+    "write_report",
+]
+
+
+def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
+    """Write ``REPORT.md`` and ``plots/*.png`` for the finished runs in ``results_dir``.
+
+    Args:
+        results_dir: folder holding ``runs/*.json`` (see :func:`load_records`).
+        out_dir: where to write; defaults to ``results_dir``. Plots go to ``out_dir/plots``
+            and are linked from the report with relative paths.
+
+    Returns:
+        The path of the written ``REPORT.md``.
+
+    Raises:
+        FileNotFoundError: if ``results_dir/runs`` does not exist.
+    """
+    results_dir = Path(results_dir)
+    out_dir = results_dir if out_dir is None else Path(out_dir)
+    records = load_records(results_dir)
+    tasks = group_tasks(records)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots_dir = out_dir / "plots"
+    colors = color_map(records)
+
+    lines = ["# R-Drop experiment report", ""]
+    if not tasks:
+        lines += [f"No finished runs in `{results_dir / 'runs'}`."]
+    else:
+        lines += ["## Summary", ""]
+        lines += [f"- {verdict_line(task)}" for task in tasks]
+        lines += [""]
+        lines += protocol_section(tasks)
+        lines += [""]
+        lines += environment_section(records)
+        for task in tasks:
+            lines += [""]
+            lines += task_section(task, task_plots(task, colors, plots_dir))
+    report = out_dir / "REPORT.md"
+    temporary = report.with_name(report.name + ".tmp")
+    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    temporary.replace(report)
+    return report
