@@ -69,3 +69,9 @@ def multi_pass_kl(outputs: list[torch.Tensor]) -> float:
     logs = [log_softmax(_np(o)).reshape(-1, o.shape[-1]) for o in outputs]
     total = sum(kl(logs[i], logs[j]).mean() for i in range(m) for j in range(m) if i != j)
     return float(total / (m * (m - 1)))
+
+
+def paper_multi_pass(outputs: list[torch.Tensor], target: torch.Tensor, alpha: float) -> float:
+    """The paper's m-pass objective: sum_i NLL(P_i) + alpha / (m (m - 1)) sum_{i != j} KL."""
+    nll = sum(cross_entropy(o, target) for o in outputs)
+    return float(nll + alpha * multi_pass_kl(outputs))

@@ -111,7 +111,17 @@ def test_callable_task_and_multi_pass() -> None:
     want_task = sum(reference.cross_entropy(p, y) for p in passes) / 3
     assert out.task_loss.item() == pytest.approx(want_task, rel=1e-5)
     assert out.consistency_loss.item() == pytest.approx(reference.multi_pass_kl(passes), rel=1e-5)
-    assert out.loss.item() == pytest.approx(want_task + reference.multi_pass_kl(passes), rel=1e-5)
+    # The paper's m-pass objective divided by m: alpha / m on D, for every m.
+    assert out.loss.item() == pytest.approx(
+        reference.paper_multi_pass(passes, y, alpha=2.0) / 3, rel=1e-5
+    )
+    assert out.loss.item() == pytest.approx(
+        want_task + 2.0 / 3 * reference.multi_pass_kl(passes), rel=1e-5
+    )
+    two = rdrop.rdrop_loss(passes[:2], y, alpha=2.0)
+    assert two.loss.item() == pytest.approx(
+        reference.paper_multi_pass(passes[:2], y, alpha=2.0) / 2, rel=1e-5
+    )
     first_only = rdrop.rdrop_loss(passes, y, alpha=2.0, task_passes=1)
     assert first_only.task_loss.item() == pytest.approx(
         reference.cross_entropy(passes[0], y), rel=1e-5

@@ -115,6 +115,19 @@ def test_mixup_token_level_targets_with_ignore_index() -> None:
     mixed = rdrop.mixup(x, y, alpha=0.4, generator=_gen(6))
     assert mixed.loss(logits).item() == pytest.approx(ref_mixed_ce(logits, mixed), rel=1e-5)
 
+    # A positive padding id: soft targets leave its items out exactly like the mixed loss.
+    pad = 0
+    y_pad = torch.where(y == -100, pad, y + 1)
+    padded = rdrop.mixup(x, y_pad, alpha=0.4, num_classes=6, generator=_gen(6))
+    soft = padded.soft_targets(ignore_index=pad)
+    lam, a_kept, b_kept = padded.lam, padded.target_a != pad, padded.target_b != pad
+    want_mass = lam * a_kept.float() + (1 - lam) * b_kept.float()
+    torch.testing.assert_close(soft.sum(-1), want_mass)
+    assert bool((soft[..., pad][a_kept & b_kept] == 0).all())  # no mass on the pad class
+    assert bool((padded.soft_targets().sum(-1) > 0.999).all())  # default: 0 is a real class
+    with pytest.raises(ValueError, match="other than ignore_index=0"):
+        rdrop.mixup(x, y, alpha=0.4, num_classes=5).soft_targets(ignore_index=0)
+
 
 @pytest.mark.parametrize("alpha", [0.2, 1.0, 2.0])
 def test_mixup_lambda_follows_beta_alpha_alpha(alpha: float) -> None:

@@ -235,6 +235,8 @@ def test_alpha_from_a_given_loss() -> None:
     assert rdrop.RDrop(mlp(), loss=criterion).current_alpha() == 0.7
     assert rdrop.RDrop(mlp(), loss=criterion, alpha=2.0).current_alpha() == 2.0
     assert criterion.alpha == 0.7
+    with pytest.raises(ValueError, match="label_smoothing, check_finite would be ignored"):
+        rdrop.RDrop(mlp(), loss=criterion, label_smoothing=0.2, check_finite=False)
 
 
 def test_sequential_dropout_rates_per_pass() -> None:

@@ -356,9 +356,10 @@ def multi_pass_consistency(
                          = mean over pairs i < j of symmetric_kl(P_i, P_j)
 
     which equals :func:`symmetric_kl` for ``m = 2``; so the paper's m-pass term
-    ``alpha / (m (m - 1)) * sum_{i != j} KL(P_i || P_j)`` is ``alpha * D`` and, in this
-    library's halved convention, ``(alpha / 2) * D``. ``"mse"`` and ``"bernoulli_kl"``
-    average their pairwise terms the same way.
+    ``alpha / (m (m - 1)) * sum_{i != j} KL(P_i || P_j)`` is ``alpha * D``. The paper's
+    objective adds it to ``sum_i NLL(P_i)``; :func:`rdrop.rdrop_loss` divides the whole by
+    ``m`` (task part a mean over passes), so there the weight of ``D`` is ``alpha / m``.
+    ``"mse"`` and ``"bernoulli_kl"`` average their pairwise terms the same way.
 
     Example:
         >>> import torch, rdrop

@@ -8,7 +8,9 @@ with mean reductions and ``D`` = :func:`rdrop.symmetric_kl` (``1/2 (KL(P1||P2) +
 KL(P2||P1))``). That is the paper's Eq. 4 divided by 2: the task part keeps the scale of a
 plain training step, the paper's alpha values carry over unchanged, and nothing depends on
 batch size, sequence length or vocabulary size. For ``m`` passes the task part is the mean
-over passes and ``D`` is :func:`rdrop.multi_pass_consistency`.
+over passes, ``D`` is :func:`rdrop.multi_pass_consistency` and its weight is ``alpha / m``:
+the paper's m-pass objective ``sum_i NLL(P_i) + alpha / (m (m - 1)) sum_{i != j}
+KL(P_i || P_j)`` divided by ``m``, so alpha carries over for every ``m``.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ class RDropOutput:
     Attributes:
         loss: the total objective to call ``backward()`` on.
         task_loss: mean task loss over the passes (the plain training loss's scale).
-        consistency_loss: the consistency term ``D`` *before* multiplying by ``alpha / 2``
-            (log it: the authors' check is that it stays small with R-Drop).
+        consistency_loss: the consistency term ``D`` *before* multiplying by ``alpha / m``
+            (``alpha / 2`` for two passes; log it: the authors' check is that it stays
+            small with R-Drop).
         alpha: the alpha used in this step (after any schedule).
         logits: the first pass's logits (``None`` for a bare :class:`RDropLoss` call).
         outputs: the model's raw output of the step (``None`` for a bare loss call).
@@ -82,6 +85,15 @@ def _validate_alpha(alpha: float) -> float:
     if not alpha >= 0.0 or alpha == float("inf"):  # also rejects NaN
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
     return alpha
+
+
+def _consistency_weight(alpha: float, num_passes: int) -> float:
+    """Weight of ``D`` among ``m`` passes: ``alpha / m`` (``alpha / 2`` for two passes).
+
+    The paper's m-pass objective ``sum_i NLL(P_i) + alpha * D`` divided by ``m``, so that the
+    task part is a mean over passes and alpha keeps its meaning for every ``m``.
+    """
+    return alpha / num_passes
 
 
 def _check_class_target(logits_shape: torch.Size, target: Tensor, ignore_index: int) -> Tensor:
@@ -361,9 +373,12 @@ def rdrop_loss(
 
     ::
 
-        loss = mean_i task(P_i, target) + (alpha / 2) * D(P_1, ..., P_m)
+        loss = mean_i task(P_i, target) + (alpha / m) * D(P_1, ..., P_m)
 
-    For ``m = 2`` and ``D`` = symmetric KL this is the paper's Eq. 4 divided by 2.
+    For ``m = 2`` and ``D`` = symmetric KL this is the paper's Eq. 4 divided by 2; for any
+    ``m`` it is the paper's m-pass objective ``sum_i NLL(P_i) + alpha * D`` divided by ``m``
+    (see :func:`rdrop.multi_pass_consistency`), so the same alpha means the same thing for
+    every number of passes.
 
     Example:
         >>> import torch, rdrop
@@ -450,7 +465,7 @@ def rdrop_loss(
             label_smoothing,
             mask,
         )
-        loss = task_value + (alpha / 2.0) * consistency_loss
+        loss = task_value + _consistency_weight(alpha, 2) * consistency_loss
         out = RDropOutput(loss, task_value, consistency_loss, alpha)
         if check_finite:
             _check_finite(out, passes)
@@ -479,7 +494,7 @@ def rdrop_loss(
                 for p in passes[:task_passes]
             ]
         ).mean()
-    loss = task_value + (alpha / 2.0) * consistency_loss
+    loss = task_value + _consistency_weight(alpha, len(passes)) * consistency_loss
     out = RDropOutput(loss, task_value, consistency_loss, alpha)
     if check_finite:
         _check_finite(out, passes)

@@ -14,7 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from rdrop._batch import LogitsGetter, extract_logits, find_batch_size, repeat_batch
+from rdrop._batch import (
+    LogitsGetter,
+    extract_logits,
+    find_batch_size,
+    repeat_batch,
+    split_passes,
+)
 from rdrop._dropout import active_dropout_modules
 from rdrop.functional import ConsistencyKind, multi_pass_consistency
 
@@ -43,7 +49,7 @@ class ProbeResult:
 def dropout_consistency(
     model: nn.Module,
     *args: Any,
-    mask: Tensor | None = None,
+    consistency_mask: Tensor | None = None,
     kind: ConsistencyKind = "kl",
     repeats: int = 1,
     logits_key: LogitsGetter = None,
@@ -65,8 +71,11 @@ def dropout_consistency(
 
     Args:
         model: the model to probe.
-        *args, **kwargs: the model's inputs (batch in dim 0).
-        mask: optional item mask (e.g. real tokens), as for :func:`rdrop.symmetric_kl`.
+        *args, **kwargs: the model's inputs (batch in dim 0). Every keyword other than
+            the four below goes to the model, so a model argument named ``mask`` (an
+            attention or padding mask) reaches the model.
+        consistency_mask: optional item mask for the consistency term (e.g. real tokens),
+            as ``mask`` of :func:`rdrop.symmetric_kl`; the model never sees it.
         kind: ``"kl"``, ``"mse"`` or ``"bernoulli_kl"``.
         repeats: number of independent pairs of passes to average.
         logits_key: where the logits are in the output (see :class:`rdrop.RDrop`).
@@ -96,10 +105,20 @@ def dropout_consistency(
                     *repeat_batch(args, batch_size, 2), **repeat_batch(kwargs, batch_size, 2)
                 )
                 logits = extract_logits(output, logits_key)
-                first, second = logits.split(batch_size, dim=0)
-                per_item = multi_pass_consistency([first, second], mask, "none", kind=kind)
-                if mask is not None:
-                    keep = mask if mask.shape == per_item.shape else mask.unsqueeze(-1)
+                first, second = split_passes(
+                    logits,
+                    batch_size,
+                    2,
+                    "pass logits_key= to pick the logits out of the output, or move the "
+                    "batch to dim 0",
+                )
+                per_item = multi_pass_consistency(
+                    [first, second], consistency_mask, "none", kind=kind
+                )
+                if consistency_mask is not None:
+                    keep = consistency_mask
+                    if keep.shape != per_item.shape:
+                        keep = keep.unsqueeze(-1)
                     per_item = per_item[keep.expand_as(per_item)]
                 values.append(per_item)
     finally:

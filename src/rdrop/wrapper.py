@@ -41,11 +41,12 @@ class RDrop(nn.Module):
 
         loss = 1/2 (task(P_1) + task(P_2)) + (alpha / 2) * D(P_1, P_2)
 
-    In eval mode it is the bare model: a single pass whose output is returned unchanged
-    (with ``target=`` given, an :class:`RDropOutput` holding the task loss of that single
-    pass). The caller's inputs are never mutated. The batch dimension is dim 0 of inputs
-    and outputs; a tensor is treated as batched when its first dimension equals the
-    target's (or, without a target, the first input tensor's).
+    (with ``num_passes=m``: the mean task loss over the passes ``+ (alpha / m) * D``, see
+    :func:`rdrop.rdrop_loss`). In eval mode it is the bare model: a single pass whose output
+    is returned unchanged (with ``target=`` given, an :class:`RDropOutput` holding the task
+    loss of that single pass). The caller's inputs are never mutated. The batch dimension is
+    dim 0 of inputs and outputs; a tensor is treated as batched when its first dimension
+    equals the target's (or, without a target, the first input tensor's).
 
     Example:
         >>> import torch, rdrop
@@ -68,7 +69,8 @@ class RDrop(nn.Module):
             :func:`rdrop.linear_warmup`); ``step`` counts training calls from 0 and is
             saved in the state dict.
         task, consistency, ignore_index, label_smoothing, check_finite: see
-            :func:`rdrop.rdrop_loss`; or pass a ready ``loss=RDropLoss(...)`` instead.
+            :func:`rdrop.rdrop_loss`; or pass a ready ``loss=RDropLoss(...)`` instead
+            (then setting any of these is a ``ValueError``: the loss carries its own).
         num_passes: ``m >= 2`` dropout passes per step (the consistency term averages all
             pairs, see :func:`rdrop.multi_pass_consistency`).
         every_k_steps: apply the consistency term on every ``k``-th training call only
@@ -145,6 +147,22 @@ class RDrop(nn.Module):
             self.dropout_rates = None
         if loss is not None and not isinstance(loss, RDropLoss):
             raise TypeError(f"loss must be an rdrop.RDropLoss, got {type(loss).__name__}")
+        if loss is not None:
+            loss_options = {
+                "task": (task, "cross_entropy"),
+                "consistency": (consistency, None),
+                "ignore_index": (ignore_index, -100),
+                "label_smoothing": (label_smoothing, 0.0),
+                "check_finite": (check_finite, True),
+            }
+            conflicting = [
+                name for name, (value, default) in loss_options.items() if value != default
+            ]
+            if conflicting:
+                raise ValueError(
+                    f"{', '.join(conflicting)} would be ignored next to loss=: the loss "
+                    "object carries its own; set them on the RDropLoss instead"
+                )
         self.model = model
         self.criterion = loss or RDropLoss(
             1.0 if self.alpha_value is None else self.alpha_value,
@@ -205,7 +223,8 @@ class RDrop(nn.Module):
         return self._train_step(args, kwargs, target)
 
     def unlabeled(self, *args: Any, **kwargs: Any) -> RDropOutput:
-        """Semi-supervised step on an unlabeled batch: ``loss = (alpha / 2) * D`` only."""
+        """Semi-supervised step on an unlabeled batch: ``loss = (alpha / m) * D`` only
+        (``alpha / 2`` for the default two passes)."""
         if not self.training:
             raise RuntimeError("unlabeled() is a training step; the wrapper is in eval mode")
         return self._train_step(args, kwargs, None)

@@ -287,7 +287,7 @@ def cmd_probe(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for i in range(args.batches):
         inputs, target = collate(data.train[i * args.batch_size : (i + 1) * args.batch_size])
         mask = task.probe_mask(target)
-        values.append(rdrop.dropout_consistency(model, **inputs, mask=mask, kind=kind))
+        values.append(rdrop.dropout_consistency(model, **inputs, consistency_mask=mask, kind=kind))
     mean = sum(v.consistency for v in values) / len(values)
     source = f"checkpoint {args.checkpoint}" if args.checkpoint else "freshly built (no training)"
     print(f"task {task.display_name}, model {source}")

@@ -235,7 +235,7 @@ def train_run(
         nonlocal best_all, best_epochs, best_time, time_cut
         validation = evaluate(model, data.validation, collate, task, config.eval_batch_size)
         probe = rdrop.dropout_consistency(
-            model, **probe_inputs, mask=probe_mask, kind=task.consistency_kind
+            model, **probe_inputs, consistency_mask=probe_mask, kind=task.consistency_kind
         )
         model.train()
         recent = [w for w in window]

@@ -98,19 +98,28 @@ class MixedBatch:
         )
         return self.lam * loss_a + (1.0 - self.lam) * loss_b
 
-    def soft_targets(self, num_classes: int | None = None, label_smoothing: float = 0.0) -> Tensor:
+    def soft_targets(
+        self,
+        num_classes: int | None = None,
+        label_smoothing: float = 0.0,
+        *,
+        ignore_index: int = -100,
+    ) -> Tensor:
         """The mixed soft target ``lam * s(target_a) + (1 - lam) * s(target_b)``.
 
-        ``s(y) = (1 - label_smoothing) * onehot(y) + label_smoothing / C``; a negative
-        target (an ignored item) gets an all-zero row, which :func:`soft_cross_entropy`
-        leaves out of its mean. With :func:`soft_cross_entropy` this gives the same loss
-        as :meth:`loss` (without ignored items), and it is how the mixed loss goes through
-        :class:`rdrop.RDrop`: ``RDrop(net, task=rdrop.soft_cross_entropy)`` called with
+        ``s(y) = (1 - label_smoothing) * onehot(y) + label_smoothing / C``; a target equal
+        to ``ignore_index`` (an ignored item, e.g. padding) gets an all-zero row, which
+        :func:`soft_cross_entropy` leaves out of its mean. With :func:`soft_cross_entropy`
+        this gives the same loss as :meth:`loss` (without ignored items), and it is how the
+        mixed loss goes through :class:`rdrop.RDrop`:
+        ``RDrop(net, task=rdrop.soft_cross_entropy)`` called with
         ``target=mixed.soft_targets()``.
 
         Args:
             num_classes: ``C`` (default: the one given to :func:`mixup`).
             label_smoothing: smoothing of each target, in ``[0, 1)``.
+            ignore_index: target value of ignored items (as in :meth:`loss`); every other
+                target must be a class id in ``[0, C)``.
 
         Returns:
             A float32 tensor of shape ``target_a.shape + (C,)``.
@@ -122,16 +131,28 @@ class MixedBatch:
         if num_classes is None:
             raise ValueError("num_classes is needed for soft targets: pass it here or to mixup()")
         check_class_target(self.target_a, num_classes)
-        return self.lam * _smoothed_one_hot(self.target_a, num_classes, label_smoothing) + (
-            1.0 - self.lam
-        ) * _smoothed_one_hot(self.target_b, num_classes, label_smoothing)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        rows_a, rows_b = (
+            _smoothed_one_hot(target, num_classes, label_smoothing, ignore_index)
+            for target in (self.target_a, self.target_b)
+        )
+        return self.lam * rows_a + (1.0 - self.lam) * rows_b
 
 
-def _smoothed_one_hot(target: Tensor, num_classes: int, label_smoothing: float) -> Tensor:
-    valid = (target >= 0).unsqueeze(-1)
-    one_hot = F.one_hot(target.clamp_min(0).long(), num_classes).float()
+def _smoothed_one_hot(
+    target: Tensor, num_classes: int, label_smoothing: float, ignore_index: int
+) -> Tensor:
+    valid = target != ignore_index
+    bad = valid & (target < 0)
+    if bool(bad.any()):
+        raise ValueError(
+            f"target holds negative class ids other than ignore_index={ignore_index}: e.g. "
+            f"{target[bad][:5].tolist()}"
+        )
+    one_hot = F.one_hot(torch.where(valid, target, 0).long(), num_classes).float()
     smoothed = (1.0 - label_smoothing) * one_hot + label_smoothing / num_classes
-    return smoothed * valid
+    return smoothed * valid.unsqueeze(-1)
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -284,7 +305,7 @@ def rdrop_mixup_loss(
     """R-Drop on a MixUp (or Manifold MixUp) batch::
 
         loss = mean_i [lam * CE(P_i, y) + (1 - lam) * CE(P_i, y[perm])]
-               + (alpha / 2) * D(P_1, ..., P_m)
+               + (alpha / m) * D(P_1, ..., P_m)
 
     The rule: mix **once** (one ``lam``, one ``perm``), then every dropout pass sees the
     same mixed batch (a forward on ``[x_mix; x_mix]``; for Manifold MixUp every pass mixes
