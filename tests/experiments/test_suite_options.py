@@ -321,9 +321,16 @@ def test_cli_run_needs_an_alpha_for_a_task_without_a_paper_alpha(
 def test_cli_sweep_dry_run_lists_variants(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["sweep", str(ROOT / "configs" / "ablations.toml"), "--dry-run"]) == 0
-    lines = capsys.readouterr().out.split()
+    config = str(ROOT / "configs" / "ablations.toml")
+    assert main(["sweep", config, "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.split()
     assert len(lines) == 24 and len(set(lines)) == 24
+    assert "24 run(s); 0 already finished" in captured.err and "24 to run" in captured.err
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / f"{lines[3]}.json").write_text(json.dumps({"run_id": lines[3]}))
+    assert main(["sweep", config, "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    assert "1 already finished" in capsys.readouterr().err
 
 
 def test_cli_sweep_runs_a_chunk_by_task_and_few_shot_size(

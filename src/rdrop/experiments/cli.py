@@ -231,9 +231,17 @@ def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.dry_run:
         from rdrop.experiments.runner import check_run
 
+        store = ResultStore(Path(args.results_dir))
+        finished = 0
         for run in runs:
             check_run(run)
             print(run.run_id())
+            finished += store.has(run.run_id())
+        print(
+            f"{len(runs)} run(s); {finished} already finished in {args.results_dir} "
+            f"(skipped when run), {len(runs) - finished} to run",
+            file=sys.stderr,
+        )
         return 0
     return _execute(runs, args, argv)
 
