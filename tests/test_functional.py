@@ -276,6 +276,11 @@ def test_compiles() -> None:
             "logits_b must be a torch.Tensor",
         ),
         (
+            lambda: rdrop.symmetric_kl([0.0], torch.zeros(2, 3)),
+            TypeError,
+            "logits_a must be a torch.Tensor",
+        ),
+        (
             lambda: rdrop.symmetric_kl(
                 torch.zeros(2, 3), torch.zeros(2, 3), mask=torch.ones(3, dtype=torch.bool)
             ),

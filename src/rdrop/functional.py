@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rdrop._checks import check_int
 from rdrop._kl_kernel import chunked_symmetric_kl
 
 __all__ = [
@@ -201,15 +202,15 @@ def symmetric_kl(
         raise ValueError(
             f"implementation must be 'auto', 'chunked' or 'reference', got {implementation!r}"
         )
+    _check_pair(logits_a, logits_b)
     if implementation == "reference" or (
         implementation == "auto" and logits_a.numel() < _CHUNKED_MIN_NUMEL
     ):
         return symmetric_kl_reference(logits_a, logits_b, mask, reduction)
-    _check_pair(logits_a, logits_b)
     _check_reduction(reduction)
     _check_mask(mask, logits_a.shape[:-1], "the logits' shape without the last dimension")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
     per_item = chunked_symmetric_kl(logits_a, logits_b, mask, chunk_size)
     return _reduce(per_item, mask, reduction)
 

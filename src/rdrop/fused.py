@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rdrop._checks import check_int, check_label_smoothing
 from rdrop._kl_kernel import ChunkMath
 from rdrop.losses import (
     RDropOutput,
@@ -60,16 +61,10 @@ def _pass_batch_size(x: Tensor, owner: str, num_passes: int) -> int:
 
 
 def _check_common(num_passes: int, label_smoothing: float, chunk_size: int | None) -> None:
-    if isinstance(num_passes, bool) or not isinstance(num_passes, int) or num_passes < 2:
-        raise ValueError(f"num_passes must be an int >= 2, got {num_passes!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_int("num_passes", num_passes, 2)
+    check_label_smoothing(label_smoothing)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
 
 
 def rdrop_cross_entropy(

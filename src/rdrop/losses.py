@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rdrop._checks import check_label_smoothing
 from rdrop._kl_kernel import fused_rows
 from rdrop.functional import (
     _KINDS,
@@ -191,10 +192,7 @@ def _resolve(
         consistency = "kl" if callable(task) else _DEFAULT_CONSISTENCY[task]
     if consistency not in _KINDS:
         raise ValueError(f"consistency must be one of {_KINDS}, got {consistency!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    label_smoothing = check_label_smoothing(label_smoothing)
     if label_smoothing and task != "cross_entropy":
         raise ValueError(f"label_smoothing applies to task='cross_entropy' only, got task={task!r}")
     return consistency

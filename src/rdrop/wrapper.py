@@ -17,6 +17,7 @@ from rdrop._batch import (
     repeat_batch,
     split_passes,
 )
+from rdrop._checks import check_int
 from rdrop._dropout import active_dropout_modules, dropout_rate, training_batchnorm_modules
 from rdrop.functional import ConsistencyKind
 from rdrop.losses import BuiltinTask, RDropLoss, RDropOutput, TaskLoss, _validate_alpha
@@ -119,13 +120,8 @@ class RDrop(nn.Module):
         self.alpha_value: float | None = (
             None if alpha is None or callable(alpha) else _validate_alpha(alpha)
         )
-        for name, value in (("num_passes", num_passes), ("every_k_steps", every_k_steps)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if num_passes < 2:
-            raise ValueError(f"num_passes must be >= 2 (m >= 2 dropout passes), got {num_passes}")
-        if every_k_steps < 1:
-            raise ValueError(f"every_k_steps must be >= 1, got {every_k_steps}")
+        check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
+        check_int("every_k_steps", every_k_steps, 1)
         if mode not in ("concat", "sequential"):
             raise ValueError(f"mode must be 'concat' or 'sequential', got {mode!r}")
         if dropout_rates is not None:

@@ -44,6 +44,7 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
     ) from error
 
 from rdrop._batch import LogitsGetter, extract_logits, repeat_batch, split_passes
+from rdrop._checks import check_int
 from rdrop.functional import _KINDS, ConsistencyKind
 from rdrop.losses import (
     _BUILTIN_TASKS,
@@ -142,13 +143,8 @@ class RDropTrainerMixin:
     ) -> None:
         if not callable(alpha):
             alpha = _validate_alpha(alpha)
-        for name, value in (("num_passes", num_passes), ("every_k_steps", every_k_steps)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if num_passes < 2:
-            raise ValueError(f"num_passes must be >= 2 (m >= 2 dropout passes), got {num_passes}")
-        if every_k_steps < 1:
-            raise ValueError(f"every_k_steps must be >= 1, got {every_k_steps}")
+        check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
+        check_int("every_k_steps", every_k_steps, 1)
         if not callable(task) and task != "auto" and task not in _BUILTIN_TASKS:
             raise ValueError(
                 f"task must be 'auto', one of {_BUILTIN_TASKS} or a callable, got {task!r}"

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rdrop._checks import check_label_smoothing
 from rdrop.losses import RDropOutput, rdrop_loss, task_loss
 from rdrop.regularizers._common import (
     check_class_target,
@@ -31,14 +32,6 @@ from rdrop.regularizers._common import (
 )
 
 __all__ = ["MixUp", "MixedBatch", "mixup", "rdrop_mixup_loss", "soft_cross_entropy"]
-
-
-def _check_label_smoothing(label_smoothing: float) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    return float(label_smoothing)
 
 
 @dataclass
@@ -82,7 +75,7 @@ class MixedBatch:
         Returns:
             A scalar float32 (or wider) tensor.
         """
-        label_smoothing = _check_label_smoothing(label_smoothing)
+        label_smoothing = check_label_smoothing(label_smoothing)
         if not isinstance(logits, Tensor):
             raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
         if self.num_classes is not None and (
@@ -124,7 +117,7 @@ class MixedBatch:
         Returns:
             A float32 tensor of shape ``target_a.shape + (C,)``.
         """
-        label_smoothing = _check_label_smoothing(label_smoothing)
+        label_smoothing = check_label_smoothing(label_smoothing)
         num_classes = check_num_classes(
             num_classes if num_classes is not None else self.num_classes
         )
@@ -340,7 +333,7 @@ def rdrop_mixup_loss(
     """
     if not isinstance(mixed, MixedBatch):
         raise TypeError(f"mixed must be an rdrop.MixedBatch, got {type(mixed).__name__}")
-    label_smoothing = _check_label_smoothing(label_smoothing)
+    label_smoothing = check_label_smoothing(label_smoothing)
 
     def mixed_task(output: Tensor, _target: Tensor) -> Tensor:
         return mixed.loss(output, label_smoothing, ignore_index=ignore_index)
