@@ -197,3 +197,9 @@ def test_bad_targets() -> None:
         criterion(a, b, torch.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="same shape"):
         criterion(a, _logits(3, 5, seed=29), torch.tensor([0, 1, 2]))
+
+
+def test_callable_task_keeps_float64_and_lifts_half_precision() -> None:
+    logits, y = _logits(4, 3, seed=40), torch.tensor([0, 1, 2, 0])
+    assert rdrop.task_loss(logits.double(), y, F.cross_entropy).dtype == torch.float64
+    assert rdrop.task_loss(logits.bfloat16(), y, F.cross_entropy).dtype == torch.float32

@@ -220,7 +220,8 @@ def task_loss(
         1.3862943649291992
     """
     if callable(task):
-        return task(output, target).float()
+        value = task(output, target)
+        return value.to(torch.promote_types(value.dtype, torch.float32))
     if task not in _BUILTIN_TASKS:
         raise ValueError(f"task must be one of {_BUILTIN_TASKS} or a callable, got {task!r}")
     if not isinstance(target, Tensor):

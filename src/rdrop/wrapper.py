@@ -68,7 +68,10 @@ class RDrop(nn.Module):
         alpha: consistency weight ``>= 0`` (the paper's alpha; default 1.0, or the
             ``loss``'s alpha), or a callable ``step -> alpha`` (e.g.
             :func:`rdrop.linear_warmup`); ``step`` counts training calls from 0 and is
-            saved in the state dict.
+            saved in the state dict. Under gradient accumulation a call is a micro-batch:
+            give schedule lengths and ``every_k_steps`` in micro-batches (or set
+            ``wrapped.step`` yourself). :class:`rdrop.integrations.hf.RDropTrainerMixin`
+            counts optimizer steps instead.
         task, consistency, ignore_index, label_smoothing, check_finite: see
             :func:`rdrop.rdrop_loss`; or pass a ready ``loss=RDropLoss(...)`` instead
             (then setting any of these is a ``ValueError``: the loss carries its own).

@@ -185,7 +185,9 @@ def fgm_step(
     term exactly; the consistency term already acts on the clean batch, and an R-Drop loss
     on a perturbed doubled batch would add a second regularizer neither paper defines and
     cost another doubled forward. ``g`` is then the gradient of the whole clean R-Drop loss
-    (task + consistency), as in the usual "clean backward, attack" recipe.
+    (task + consistency), as in the usual "clean backward, attack" recipe. (Leaving
+    ``adversarial_loss`` at its default with a wrapper as the clean loss would run that
+    doubled forward and advance the wrapper's ``step`` counter twice per step.)
 
     Example:
         >>> import torch, rdrop

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import rdrop
+from rdrop._batch import extract_logits
 from rdrop.experiments.config import ConfigError, MethodSpec, RunConfig, changed_fields
 from rdrop.experiments.tasks.base import Collator, Example, Task
 
@@ -58,8 +59,9 @@ class RunContext:
 
 
 def logits_of(output: object) -> torch.Tensor:
-    """The logits of a model output (a tensor or an object with ``.logits``)."""
-    return output if isinstance(output, torch.Tensor) else output.logits  # type: ignore[attr-defined]
+    """The logits of a model output (a tensor, ``output["logits"]``, ``output.logits`` or
+    ``output[0]``; the rule of :class:`rdrop.RDrop`)."""
+    return extract_logits(output, None)
 
 
 def plain_task_loss(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rdrop._batch import extract_logits
 from rdrop.experiments.config import ConfigError
 
 __all__ = ["DataError", "Example", "TaskData", "Task", "default_data_dir"]
@@ -192,7 +193,7 @@ class Task(ABC):
         for start in range(0, len(examples), batch_size):
             inputs, target = collate(examples[start : start + batch_size])
             output = model(**inputs)
-            logits = output if isinstance(output, torch.Tensor) else output.logits
+            logits = extract_logits(output, None)
             predictions.append(self.predictions(logits))
             labels.append(target.numpy())
         model.train(was_training)
