@@ -242,6 +242,8 @@ def test_consistency_dispatch_and_module() -> None:
     )
     with pytest.raises(ValueError, match="kind"):
         rdrop.ConsistencyLoss("js")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        rdrop.ConsistencyLoss("kl", reduction="avg")  # at construction, not at the first call
 
 
 def test_compiles() -> None:

@@ -228,6 +228,12 @@ def test_alpha_schedule_and_state_dict_keeps_step() -> None:
     custom = rdrop.RDrop(mlp(), alpha=lambda step: -1.0)
     with pytest.raises(ValueError, match="alpha schedule returned -1.0 at step 0"):
         custom(x, target=y)
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        rdrop.linear_warmup(float("inf"), 10)
+    with pytest.raises(TypeError, match="alpha must be a real number, got str"):
+        rdrop.linear_warmup("5", 10)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="warmup_steps must be an int"):
+        rdrop.linear_warmup(5.0, 10.0)  # type: ignore[arg-type]
 
 
 def test_alpha_from_a_given_loss() -> None:

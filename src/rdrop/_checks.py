@@ -32,3 +32,19 @@ def check_label_smoothing(value: Any) -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {value}")
     return float(value)
+
+
+def check_alpha(alpha: Any) -> float:
+    """``alpha`` as a finite float ``>= 0`` (``TypeError`` for a non-number, ``bool``
+    included; ``ValueError`` for a negative, infinite or NaN value).
+
+    Example:
+        >>> check_alpha(5)
+        5.0
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
+    alpha = float(alpha)
+    if not alpha >= 0.0 or alpha == float("inf"):  # also rejects NaN
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    return alpha

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rdrop._checks import check_int, check_label_smoothing
+from rdrop._checks import check_alpha, check_int, check_label_smoothing
 from rdrop._kl_kernel import ChunkMath
 from rdrop.losses import (
     RDropOutput,
@@ -38,7 +38,6 @@ from rdrop.losses import (
     _check_finite,
     _fused_terms,
     _keeps,
-    _validate_alpha,
     rdrop_loss,
 )
 
@@ -124,7 +123,7 @@ def rdrop_cross_entropy(
         :class:`rdrop.RDropOutput` with ``loss``, ``task_loss`` and ``consistency_loss``
         (all differentiable).
     """
-    alpha = _validate_alpha(alpha)
+    alpha = check_alpha(alpha)
     _check_common(num_passes, label_smoothing, chunk_size)
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim < 2:
         raise TypeError("logits must be a floating-point tensor of shape [m * B, ..., V]")
@@ -333,7 +332,7 @@ def rdrop_linear_cross_entropy(
         :class:`rdrop.RDropOutput`; ``loss`` is differentiable w.r.t. ``hidden``,
         ``weight`` and ``bias``.
     """
-    alpha = _validate_alpha(alpha)
+    alpha = check_alpha(alpha)
     _check_common(num_passes, label_smoothing, chunk_size)
     for name, value in (("hidden", hidden), ("weight", weight)):
         if not isinstance(value, Tensor) or not value.is_floating_point():

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rdrop._checks import check_label_smoothing
+from rdrop._checks import check_alpha, check_label_smoothing
 from rdrop._kl_kernel import fused_rows
 from rdrop.functional import (
     _KINDS,
     ConsistencyKind,
     _check_mask,
+    _check_reduction,
     multi_pass_consistency,
 )
 
@@ -77,15 +78,6 @@ class RDropOutput:
     alpha: float
     logits: Tensor | None = None
     outputs: Any = None
-
-
-def _validate_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
-    alpha = float(alpha)
-    if not alpha >= 0.0 or alpha == float("inf"):  # also rejects NaN
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-    return alpha
 
 
 def _consistency_weight(alpha: float, num_passes: int) -> float:
@@ -420,7 +412,7 @@ def rdrop_loss(
     References:
         Liang et al., "R-Drop: Regularized Dropout for Neural Networks", NeurIPS 2021, Eq. 4.
     """
-    alpha = _validate_alpha(alpha)
+    alpha = check_alpha(alpha)
     kind = _resolve(task, consistency, label_smoothing)
     passes = list(passes)
     if len(passes) < 2:
@@ -530,7 +522,7 @@ class RDropLoss(nn.Module):
         implementation: LossImplementation = "auto",
     ) -> None:
         super().__init__()
-        self.alpha = _validate_alpha(alpha)
+        self.alpha = check_alpha(alpha)
         self.task = task
         self.consistency: ConsistencyKind = _resolve(task, consistency, label_smoothing)
         self.ignore_index = ignore_index
@@ -614,6 +606,7 @@ class ConsistencyLoss(nn.Module):
         super().__init__()
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        _check_reduction(reduction)
         self.kind: ConsistencyKind = kind
         self.reduction = reduction
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rdrop._checks import check_alpha, check_int
+
 __all__ = ["LinearWarmup", "linear_warmup"]
 
 
@@ -21,12 +23,8 @@ class LinearWarmup:
     warmup_steps: int
 
     def __post_init__(self) -> None:
-        if not self.alpha >= 0.0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
-            raise TypeError(f"warmup_steps must be an int, got {type(self.warmup_steps).__name__}")
-        if self.warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be >= 1, got {self.warmup_steps}")
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
+        check_int("warmup_steps", self.warmup_steps, 1)
 
     def __call__(self, step: int) -> float:
         return self.alpha * min(1.0, (step + 1) / self.warmup_steps)

@@ -17,10 +17,10 @@ from rdrop._batch import (
     repeat_batch,
     split_passes,
 )
-from rdrop._checks import check_int
+from rdrop._checks import check_alpha, check_int
 from rdrop._dropout import active_dropout_modules, dropout_rate, training_batchnorm_modules
 from rdrop.functional import ConsistencyKind
-from rdrop.losses import BuiltinTask, RDropLoss, RDropOutput, TaskLoss, _validate_alpha
+from rdrop.losses import BuiltinTask, RDropLoss, RDropOutput, TaskLoss
 
 __all__ = ["RDrop", "RDropWarning"]
 
@@ -121,7 +121,7 @@ class RDrop(nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.alpha_schedule: Callable[[int], float] | None = alpha if callable(alpha) else None
         self.alpha_value: float | None = (
-            None if alpha is None or callable(alpha) else _validate_alpha(alpha)
+            None if alpha is None or callable(alpha) else check_alpha(alpha)
         )
         check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
         check_int("every_k_steps", every_k_steps, 1)
@@ -194,7 +194,7 @@ class RDrop(nn.Module):
             return self.criterion.alpha if self.alpha_value is None else self.alpha_value
         value = self.alpha_schedule(self.step)
         try:
-            return _validate_alpha(value)
+            return check_alpha(value)
         except (TypeError, ValueError) as error:
             raise ValueError(
                 f"alpha schedule returned {value!r} at step {self.step}: {error}"

@@ -44,14 +44,13 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
     ) from error
 
 from rdrop._batch import LogitsGetter, extract_logits, repeat_batch, split_passes
-from rdrop._checks import check_int
+from rdrop._checks import check_alpha, check_int
 from rdrop.functional import _KINDS, ConsistencyKind
 from rdrop.losses import (
     _BUILTIN_TASKS,
     BuiltinTask,
     RDropOutput,
     TaskLoss,
-    _validate_alpha,
     rdrop_loss,
     task_loss,
 )
@@ -142,7 +141,7 @@ class RDropTrainerMixin:
         **kwargs: Any,
     ) -> None:
         if not callable(alpha):
-            alpha = _validate_alpha(alpha)
+            alpha = check_alpha(alpha)
         check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
         check_int("every_k_steps", every_k_steps, 1)
         if not callable(task) and task != "auto" and task not in _BUILTIN_TASKS:
@@ -184,7 +183,7 @@ class RDropTrainerMixin:
             return float(self.rdrop_alpha)
         value = self.rdrop_alpha(step)
         try:
-            return _validate_alpha(value)
+            return check_alpha(value)
         except (TypeError, ValueError) as error:
             raise ValueError(f"alpha schedule returned {value!r} at step {step}: {error}") from None
 
