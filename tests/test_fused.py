@@ -163,6 +163,7 @@ def test_float64_gradcheck() -> None:
         (lambda x, t: rdrop_cross_entropy(x, t, mask=(t > 0).long()), TypeError, "bool"),
         (lambda x, t: rdrop_cross_entropy(x, t, mask=t[:2] > 0), ValueError, "mask"),
         (lambda x, t: rdrop_cross_entropy(x.long(), t), TypeError, "floating"),
+        (lambda x, t: rdrop_cross_entropy(x[:, :1], t * 0), ValueError, "at least 2 classes"),
     ],
 )
 def test_cross_entropy_errors(call, error, pattern) -> None:  # type: ignore[no-untyped-def]

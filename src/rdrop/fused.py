@@ -59,6 +59,15 @@ def _pass_batch_size(x: Tensor, owner: str, num_passes: int) -> int:
     return x.shape[0] // num_passes
 
 
+def _check_classes(num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(
+            f"the fused cross-entropy needs at least 2 classes, got {num_classes}: with one "
+            "class the KL is always 0; use rdrop.rdrop_loss(task='mse') for regression or "
+            "task='bce' for a sigmoid output"
+        )
+
+
 def _check_common(num_passes: int, label_smoothing: float, chunk_size: int | None) -> None:
     check_int("num_passes", num_passes, 2)
     check_label_smoothing(label_smoothing)
@@ -116,7 +125,8 @@ def rdrop_cross_entropy(
         ignore_index: target value excluded from the cross-entropy *and* the KL.
         label_smoothing: applied to the cross-entropy only.
         mask: optional boolean item mask ``[B, ...]`` (``True`` = keep) for the KL.
-        chunk_size: rows per chunk (default: about 2**18 logits a chunk and pass).
+        chunk_size: rows per chunk (default: about 2**18 logits a chunk and pass); two
+            passes only (``num_passes > 2`` runs the unchunked :func:`rdrop.rdrop_loss`).
         check_finite: raise a ``ValueError`` when the loss is not finite.
 
     Returns:
@@ -127,6 +137,7 @@ def rdrop_cross_entropy(
     _check_common(num_passes, label_smoothing, chunk_size)
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim < 2:
         raise TypeError("logits must be a floating-point tensor of shape [m * B, ..., V]")
+    _check_classes(logits.shape[-1])
     batch = _pass_batch_size(logits, "logits'", num_passes)
     if num_passes != 2:
         return rdrop_loss(
@@ -346,6 +357,7 @@ def rdrop_linear_cross_entropy(
         raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise TypeError("hidden, weight and bias must have the same dtype")
+    _check_classes(weight.shape[0])
     batch = _pass_batch_size(hidden, "hidden's", num_passes)
     if num_passes != 2:
         logits = torch.nn.functional.linear(hidden, weight, bias)
