@@ -34,7 +34,8 @@ class RDropWarning(UserWarning):
 class RDrop(nn.Module):
     """Add R-Drop to any model: one forward on ``[x; x]``, task loss + consistency term.
 
-    In training mode, ``wrapped(*args, target=y, **kwargs)`` concatenates ``num_passes``
+    In training mode, ``wrapped(*args, target=y, **kwargs)`` (``target`` is the wrapper's
+    keyword; every other argument goes to the model) concatenates ``num_passes``
     copies of every batched tensor in the inputs (nested tuples, lists, dicts and mappings
     such as a tokenizer's ``BatchEncoding``), runs the model **once** on the doubled batch
     (the paper's way, and the one that is safe under DDP), splits the output and returns an
