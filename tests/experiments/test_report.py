@@ -439,3 +439,15 @@ def test_report_imports_matplotlib_lazily(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_runs_with_different_equal_time_budgets_get_a_note(tmp_path: Path) -> None:
+    records = sst2_records()
+    timed = [r for r in records if r.get("time_budget_seconds") is not None]
+    assert timed, "the synthetic baseline runs carry a budget"
+    same = write_report(write_records(tmp_path / "same", records)).read_text(encoding="utf-8")
+    assert "equal-time budgets differ" not in same
+    index = records.index(timed[0])
+    records[index] = dict(timed[0], time_budget_seconds=2.0 * timed[0]["time_budget_seconds"])
+    text = write_report(write_records(tmp_path / "chunks", records)).read_text(encoding="utf-8")
+    assert "the equal-time budgets differ between runs" in text

@@ -20,7 +20,12 @@ from rdrop.experiments.config import (
     parse_suite,
 )
 from rdrop.experiments.methods import method_specs
-from rdrop.experiments.runner import check_run, estimate_units, time_budget_for
+from rdrop.experiments.runner import (
+    check_run,
+    estimate_units,
+    time_budget_for,
+    time_budget_sources,
+)
 from rdrop.experiments.store import ResultStore
 from rdrop.experiments.tasks import TASKS
 
@@ -264,6 +269,8 @@ def test_time_budget_comes_from_plain_rdrop_only(tmp_path: Path) -> None:
         del old["config"][key]  # written before the fields existed
     store.write(old)
     assert time_budget_for(RunConfig("sst2", "fgm"), store) == 12.0
+    sources = time_budget_sources(RunConfig("sst2", "fgm"), store)
+    assert sorted(sources.values()) == [10.0, 12.0, 14.0]
     assert time_budget_for(RunConfig("sst2", "fgm", shots_per_class=16), store) == 1.0
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "evaluate",
     "run_suite",
     "time_budget_for",
+    "time_budget_sources",
     "train_run",
 ]
 
@@ -101,18 +102,23 @@ def _same_budget(a: dict[str, Any], b: RunConfig) -> bool:
     return all(config_value(a, k) == getattr(b, k) for k in keys)
 
 
-def time_budget_for(config: RunConfig, store: ResultStore) -> float | None:
-    """Median training seconds of finished plain R-Drop runs (k = 1, m = 2, no
-    stop-gradient, the model's dropout rate) with the same data and epoch budget, measured
-    with the same number of torch threads as this process uses."""
+def time_budget_sources(config: RunConfig, store: ResultStore) -> dict[str, float]:
+    """The finished plain R-Drop runs (k = 1, m = 2, no stop-gradient, the model's dropout
+    rate) with the same data and epoch budget, measured with the same number of torch
+    threads as this process uses: ``{run_id: train_seconds}``."""
     threads = torch.get_num_threads()
-    times = [
-        record["train_seconds"]
+    return {
+        str(record.get("run_id")): float(record["train_seconds"])
         for record in store.records()
         if is_plain_rdrop(record.get("config", {}))
         and _same_budget(record.get("config", {}), config)
         and record.get("environment", {}).get("torch_threads") == threads
-    ]
+    }
+
+
+def time_budget_for(config: RunConfig, store: ResultStore) -> float | None:
+    """The equal-time budget: the median of :func:`time_budget_sources` (``None``: none)."""
+    times = list(time_budget_sources(config, store).values())
     return statistics.median(times) if times else None
 
 
@@ -189,9 +195,17 @@ def train_run(
     wall_start = time.perf_counter()
     data, unlabeled = select_training_data(task, data_dir, config)
     steps_per_epoch, planned = _planned_steps(config, len(data.train))
-    time_budget = None
+    time_budget, budget_sources = None, None
     if config.equal_time and not costs_like_rdrop:
-        time_budget = time_budget_for(config, store)
+        sources = time_budget_sources(config, store)
+        budget_sources = sorted(sources)
+        time_budget = statistics.median(sources.values()) if sources else None
+        if time_budget is None and progress is not None:
+            progress.message(
+                f"{config.run_id()}: no finished plain R-Drop run with the same data, epochs "
+                f"and torch threads in {store.runs_dir}, so this run gets no equal-time "
+                "selection (its record will not be redone later): run R-Drop first"
+            )
     max_steps = planned if time_budget is None else math.ceil(planned * config.max_time_factor)
     eval_interval = max(1, steps_per_epoch // config.evals_per_epoch)
 
@@ -371,6 +385,7 @@ def train_run(
         "seconds_per_step": train_seconds / step,
         "wall_seconds": time.perf_counter() - wall_start,
         "time_budget_seconds": time_budget,
+        "time_budget_sources": budget_sources,
         "time_budget_reached": None if time_budget is None else train_seconds >= time_budget,
         "selections": selections,
         "method_info": {

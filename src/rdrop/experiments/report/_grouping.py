@@ -271,6 +271,17 @@ def _consistency_notes(task: TaskRuns) -> list[str]:
         values = {json.dumps(config_of(r, key), sort_keys=True, default=str) for r in task.records}
         if len(values) > 1:
             notes.append(f"config.{key} differs between runs: {', '.join(sorted(values))}")
+    budgets = [
+        v for r in task.records if (v := finite_or_none(r.get("time_budget_seconds"))) is not None
+    ]
+    if budgets and max(budgets) > 1.02 * min(budgets):
+        notes.append(
+            f"the equal-time budgets differ between runs ({min(budgets):.1f}–"
+            f"{max(budgets):.1f} s): each is the median training time of the plain R-Drop "
+            "runs already in the folder when the run started (`time_budget_sources` in its "
+            "record), so runs made in chunks, or before every R-Drop seed had finished, "
+            "see different sets of R-Drop runs"
+        )
     days = sorted({str(r["started_at"])[:10] for r in task.records if r.get("started_at")})
     timed = any(r.get("time_budget_seconds") is not None for r in task.records)
     if timed and len(days) > 1:
