@@ -332,7 +332,15 @@ def verdict(diff: PairedDifference | None, higher_is_better: bool = True) -> str
     if diff is None or diff.n < 2:
         n = 0 if diff is None else diff.n
         return f"{VERDICT_NO_DIFFERENCE} (only {n} paired seed{'s' * (n != 1)}: no interval)"
-    if not diff.t_excludes_zero():
+    first_better = significantly_first_better(diff, higher_is_better)
+    if first_better is None:
         return VERDICT_NO_DIFFERENCE
-    rdrop_larger = diff.t_low > 0.0
-    return VERDICT_RDROP_BETTER if rdrop_larger == higher_is_better else VERDICT_BASELINE_BETTER
+    return VERDICT_RDROP_BETTER if first_better else VERDICT_BASELINE_BETTER
+
+
+def significantly_first_better(diff: PairedDifference, higher_is_better: bool) -> bool | None:
+    """For ``diff = first - second``: ``True`` / ``False`` when the t-interval excludes 0
+    (first / second better in the metric's direction), ``None`` when it does not."""
+    if diff.n < 2 or not diff.t_excludes_zero():
+        return None
+    return (diff.t_low > 0.0) == higher_is_better

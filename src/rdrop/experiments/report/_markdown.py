@@ -13,6 +13,7 @@ from rdrop.experiments.report._grouping import (
     MethodRuns,
     TaskRuns,
     group_tasks,
+    significantly_first_better,
     verdict,
 )
 from rdrop.experiments.report._records import (
@@ -211,10 +212,10 @@ def _comparisons(task: TaskRuns) -> list[tuple[MethodRuns, MethodRuns]]:
 def _pair_verdict(diff: PairedDifference | None, higher_is_better: bool) -> str:
     if diff is None or diff.n < 2:
         return f"n={0 if diff is None else diff.n}: no interval"
-    if not diff.t_excludes_zero():
+    first_better = significantly_first_better(diff, higher_is_better)
+    if first_better is None:
         return "no significant difference"
-    first_larger = diff.t_low > 0.0
-    return "first better" if first_larger == higher_is_better else "second better"
+    return "first better" if first_better else "second better"
 
 
 def _comparison_table(task: TaskRuns) -> str | None:
