@@ -383,3 +383,29 @@ def test_cli_sweep_names_a_chunk_the_suite_does_not_have(
     config = str(ROOT / "configs" / "few_shot.toml")
     assert main(["sweep", config, "--dry-run", flag, value]) != 0
     assert re.search(pattern, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "folder"),
+    [
+        (["demo"], "runs/demo"),
+        (["demo", "--quick"], "runs/demo_quick"),
+        (["demo", "--quick", "--results-dir", "elsewhere"], "elsewhere"),
+    ],
+)
+def test_cli_demo_keeps_quick_runs_apart_from_full_ones(
+    argv: list[str], folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rdrop.experiments.cli as cli
+
+    seen: dict[str, Any] = {}
+
+    def record_folder(runs: list[RunConfig], args: Any, argv: Any) -> int:
+        seen["folder"], seen["train_size"] = args.results_dir, runs[0].train_size
+        return 0
+
+    monkeypatch.setattr(cli, "_execute", record_folder)
+    assert main(argv) == 0
+    assert seen["folder"] == folder
+    quick = cli._demo_runs((0,), quick=True)[0].train_size
+    assert (seen["train_size"] == quick) == ("--quick" in argv)

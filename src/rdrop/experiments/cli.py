@@ -259,6 +259,10 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     runs = _demo_runs(args.seeds, args.quick)
+    if args.results_dir is None:
+        # Their own folders: a report pairs runs by seed, and quick runs (other budget)
+        # must never be paired with full ones.
+        args.results_dir = "runs/demo_quick" if args.quick else "runs/demo"
     print(
         "rdrop demo: fine-tune the pretrained MiniLM encoder on SST-2 (real data, "
         f"{runs[0].train_size} training sentences), baseline vs R-Drop (alpha = 1.0), "
@@ -315,16 +319,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    def common(p: argparse.ArgumentParser, results_default: str | None) -> None:
+    def common(p: argparse.ArgumentParser, default: str | None, shown: str) -> None:
         p.add_argument(
-            "--results-dir",
-            default=results_default,
-            help=f"where run records go (default: {results_default})",
+            "--results-dir", default=default, help=f"where run records go (default: {shown})"
         )
         p.add_argument(
             "--data-dir",
             default=None,
-            help="folder holding glue/ (default: $RDROP_DATA_DIR or ../shared/data)",
+            help="folder holding glue/, multi30k/, tinyshakespeare/ and optionally "
+            "fashion-mnist/ (default: $RDROP_DATA_DIR or ../shared/data; Fashion-MNIST "
+            "also from $RDROP_FASHION_MNIST_DIR or the Debian package)",
         )
         p.add_argument(
             "--save-checkpoints",
@@ -338,7 +342,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="baseline vs R-Drop on real data, about ten minutes on 2 CPU cores"
     )
-    common(demo, "runs/demo")
+    common(demo, None, "runs/demo, or runs/demo_quick with --quick")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     demo.add_argument(
         "--quick", action="store_true", help="a tiny budget (smoke test, about a minute)"
@@ -403,7 +407,7 @@ def _parser() -> argparse.ArgumentParser:
     regularizers.add_argument(
         "--unlabeled-size", type=int, help="rdrop_semi: size of the unlabeled pool"
     )
-    common(run, "runs/run")
+    common(run, "runs/run", "runs/run")
     run.set_defaults(handler=cmd_run)
 
     sweep = sub.add_parser("sweep", help="run a suite file (TOML/YAML); resumable")
@@ -411,7 +415,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     for flag, field, kind, text in _CHUNK_FLAGS:
         sweep.add_argument(flag, dest=field, type=kind, nargs="+", default=None, help=text)
-    common(sweep, None)
+    common(sweep, None, "runs/<the suite's name>")
     sweep.set_defaults(handler=cmd_sweep)
 
     report = sub.add_parser("report", help="write REPORT.md and plots for a results folder")
