@@ -337,19 +337,19 @@ def train_run(
         progress.advance(units - consumed)
 
     # -- selections and the single test evaluation per selected checkpoint -------------
-    in_epochs = [i for i, e in enumerate(evals) if e["step"] <= planned]
+    # The checkpoints do_eval kept: the best validation score among the evaluations up to
+    # the planned epochs, and among those up to the one where the time budget was reached
+    # (all of them when the max_time_factor cap stopped training first;
+    # time_budget_reached then says so).
+    if best_epochs is None or best_time is None:
+        raise RuntimeError(f"{config.run_id()}: no evaluation was made (planned {planned} steps)")
     selections: dict[str, Any] = {}
-    primary, higher = task.primary_metric, task.higher_is_better
-    chosen = {"equal_epochs": _best_index(evals, in_epochs, primary, higher)}
+    chosen = {"equal_epochs": best_epochs}
     if costs_like_rdrop:
         # Same compute per step as R-Drop: equal epochs is equal time.
-        chosen["equal_time"] = chosen["equal_epochs"]
+        chosen["equal_time"] = best_epochs
     elif time_budget is not None:
-        # Within the budget: evaluations up to the one where the budget was reached (all of
-        # them when the max_time_factor cap stopped training first; time_budget_reached
-        # then says so).
-        last = time_cut if time_cut is not None else len(evals) - 1
-        chosen["equal_time"] = _best_index(evals, list(range(last + 1)), primary, higher)
+        chosen["equal_time"] = best_time
     test_scores: dict[int, dict[str, float]] = {}
     for budget, index in chosen.items():
         if index not in test_scores:
