@@ -415,7 +415,7 @@ def test_missing_optional_keys_and_empty_folder(tmp_path: Path) -> None:
     del record["selections"]["equal_time"]
     write_records(tmp_path / "one", [record])
     text = write_report(tmp_path / "one").read_text(encoding="utf-8")
-    assert "0.8000 ± 0.0000" in text
+    assert "0.8000 (1 run)" in text
     assert "equal wall-clock time: not measured" not in text  # no R-Drop: no verdict budgets
     assert "no R-Drop runs" in text
     (tmp_path / "empty" / "runs").mkdir(parents=True)
@@ -451,3 +451,9 @@ def test_runs_with_different_equal_time_budgets_get_a_note(tmp_path: Path) -> No
     records[index] = dict(timed[0], time_budget_seconds=2.0 * timed[0]["time_budget_seconds"])
     text = write_report(write_records(tmp_path / "chunks", records)).read_text(encoding="utf-8")
     assert "the equal-time budgets differ between runs" in text
+
+
+def test_a_single_run_shows_no_std(tmp_path: Path) -> None:
+    records = [r for r in sst2_records() if r["config"]["seed"] == 0]
+    text = write_report(write_records(tmp_path, records)).read_text(encoding="utf-8")
+    assert "(1 run)" in text and "± 0.0000" not in text

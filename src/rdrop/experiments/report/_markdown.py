@@ -93,7 +93,9 @@ def _wtl(diff: PairedDifference, higher_is_better: bool) -> str:
 
 
 def _mean_std_cell(group: MethodRuns, budget: str, split: str, metric: str, digits: int) -> str:
-    mean, std, _ = group.stat(budget, split, metric)
+    mean, std, n = group.stat(budget, split, metric)
+    if n == 1:  # no spread to report: a single run's std is not 0, it is unknown
+        return f"{mean:.{digits}f} (1 run)"
     return format_mean_std(mean, std, digits)
 
 
