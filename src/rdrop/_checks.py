@@ -48,3 +48,12 @@ def check_alpha(alpha: Any) -> float:
     if not alpha >= 0.0 or alpha == float("inf"):  # also rejects NaN
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
     return alpha
+
+
+def check_scheduled_alpha(value: Any, step: int) -> float:
+    """:func:`check_alpha` for the value an alpha schedule returned at ``step``; any
+    error is a ``ValueError`` that names the schedule and the step."""
+    try:
+        return check_alpha(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"alpha schedule returned {value!r} at step {step}: {error}") from None

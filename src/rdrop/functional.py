@@ -202,11 +202,13 @@ def symmetric_kl(
         raise ValueError(
             f"implementation must be 'auto', 'chunked' or 'reference', got {implementation!r}"
         )
-    _check_pair(logits_a, logits_b)
     if implementation == "reference" or (
-        implementation == "auto" and logits_a.numel() < _CHUNKED_MIN_NUMEL
+        # A non-tensor goes to the reference, whose checks name the argument.
+        implementation == "auto"
+        and (not isinstance(logits_a, Tensor) or logits_a.numel() < _CHUNKED_MIN_NUMEL)
     ):
         return symmetric_kl_reference(logits_a, logits_b, mask, reduction)
+    _check_pair(logits_a, logits_b)
     _check_reduction(reduction)
     _check_mask(mask, logits_a.shape[:-1], "the logits' shape without the last dimension")
     if chunk_size is not None:

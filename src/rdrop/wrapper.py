@@ -17,7 +17,7 @@ from rdrop._batch import (
     repeat_batch,
     split_passes,
 )
-from rdrop._checks import check_alpha, check_int
+from rdrop._checks import check_alpha, check_int, check_scheduled_alpha
 from rdrop._dropout import active_dropout_modules, dropout_rate, training_batchnorm_modules
 from rdrop.functional import ConsistencyKind
 from rdrop.losses import BuiltinTask, RDropLoss, RDropOutput, TaskLoss
@@ -193,13 +193,7 @@ class RDrop(nn.Module):
         """Alpha for the next training call (after the schedule, if any)."""
         if self.alpha_schedule is None:
             return self.criterion.alpha if self.alpha_value is None else self.alpha_value
-        value = self.alpha_schedule(self.step)
-        try:
-            return check_alpha(value)
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"alpha schedule returned {value!r} at step {self.step}: {error}"
-            ) from None
+        return check_scheduled_alpha(self.alpha_schedule(self.step), self.step)
 
     def applies_consistency(self, step: int | None = None) -> bool:
         """Whether the consistency term is used at ``step`` (default: the next call)."""

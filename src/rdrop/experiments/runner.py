@@ -116,10 +116,13 @@ def time_budget_sources(config: RunConfig, store: ResultStore) -> dict[str, floa
     }
 
 
+def _median_budget(sources: dict[str, float]) -> float | None:
+    return statistics.median(sources.values()) if sources else None
+
+
 def time_budget_for(config: RunConfig, store: ResultStore) -> float | None:
     """The equal-time budget: the median of :func:`time_budget_sources` (``None``: none)."""
-    times = list(time_budget_sources(config, store).values())
-    return statistics.median(times) if times else None
+    return _median_budget(time_budget_sources(config, store))
 
 
 def _planned_steps(config: RunConfig, train_examples: int) -> tuple[int, int]:
@@ -199,7 +202,7 @@ def train_run(
     if config.equal_time and not costs_like_rdrop:
         sources = time_budget_sources(config, store)
         budget_sources = sorted(sources)
-        time_budget = statistics.median(sources.values()) if sources else None
+        time_budget = _median_budget(sources)
         if time_budget is None and progress is not None:
             progress.message(
                 f"{config.run_id()}: no finished plain R-Drop run with the same data, epochs "

@@ -44,7 +44,7 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
     ) from error
 
 from rdrop._batch import LogitsGetter, extract_logits, repeat_batch, split_passes
-from rdrop._checks import check_alpha, check_int
+from rdrop._checks import check_alpha, check_int, check_scheduled_alpha
 from rdrop.functional import _KINDS, ConsistencyKind
 from rdrop.losses import (
     _BUILTIN_TASKS,
@@ -181,11 +181,7 @@ class RDropTrainerMixin:
     def _rdrop_alpha_at(self, step: int) -> float:
         if not callable(self.rdrop_alpha):
             return float(self.rdrop_alpha)
-        value = self.rdrop_alpha(step)
-        try:
-            return check_alpha(value)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"alpha schedule returned {value!r} at step {step}: {error}") from None
+        return check_scheduled_alpha(self.rdrop_alpha(step), step)
 
     def _rdrop_label_name(self) -> str:
         names = list(getattr(self, "label_names", None) or ["labels"])
