@@ -100,6 +100,23 @@ def test_baseline_gets_the_rdrop_time_budget(tmp_path: Path) -> None:
     assert baseline["selections"]["equal_time"]["step"] <= cut["step"]
 
 
+def test_equal_epochs_chooses_among_scheduled_evaluations_only(tmp_path: Path) -> None:
+    """A dearer method that reaches the time budget between two scheduled evaluations is
+    evaluated there for its equal-time selection, but that extra evaluation is not an
+    equal-epochs candidate: every method chooses its equal-epochs model from the same steps."""
+    store = ResultStore(tmp_path)
+    shape = {"train_size": 16, "evals_per_epoch": 2}  # 4 steps per epoch, scheduled at 2 and 4
+    [rdrop_run] = run_suite([tiny("sst2", "rdrop", **shape)], store, data_dir=DATA, command="t")
+    # A budget that any step exceeds, so FGM reaches it at step 1, off the schedule.
+    on_disk = store.path(rdrop_run["run_id"])
+    on_disk.write_text(json.dumps({**rdrop_run, "train_seconds": 1e-9}))
+    [fgm] = run_suite([tiny("sst2", "fgm", **shape)], store, data_dir=DATA, command="t")
+    assert [(e["step"], e["scheduled"]) for e in fgm["evals"]] == [(1, False), (2, True), (4, True)]
+    assert fgm["selections"]["equal_time"]["step"] == 1
+    assert fgm["selections"]["equal_epochs"]["step"] in (2, 4)
+    assert all(e["scheduled"] for e in rdrop_run["evals"])
+
+
 def test_doubled_batch_equal_time_is_its_equal_epochs_model(tmp_path: Path) -> None:
     store = ResultStore(tmp_path)
     records = run_suite(

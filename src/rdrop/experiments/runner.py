@@ -12,7 +12,8 @@ Protocol (the same for every method):
    budget); at each evaluation also record the training loss and the probe: the symmetric
    KL between two dropout passes on a fixed batch of training examples (for every method,
    since the authors' check is that it grows without R-Drop).
-4. Two budgets. *Equal epochs*: the best validation checkpoint within ``epochs`` epochs.
+4. Two budgets. *Equal epochs*: the best validation checkpoint among the scheduled
+   evaluations within ``epochs`` epochs (every method chooses from the same steps).
    *Equal wall-clock time*: methods cheaper per step than R-Drop (the baseline) keep
    training until they have used as many training seconds as R-Drop needed for ``epochs``
    epochs on the same task (the median over finished R-Drop runs with the same thread
@@ -248,7 +249,7 @@ def train_run(
     status = f"{task.name} {method.label}" + (f" α={config.alpha:g}" if method.uses_alpha else "")
     status += f" seed {config.seed}"
 
-    def do_eval() -> None:
+    def do_eval(scheduled: bool) -> None:
         nonlocal best_all, best_epochs, best_time, time_cut
         validation = evaluate(model, data.validation, collate, task, config.eval_batch_size)
         probe = rdrop.dropout_consistency(
@@ -270,18 +271,26 @@ def train_run(
                 ),
                 "probe_kl": probe.consistency,
                 "validation": validation,
+                "scheduled": scheduled,
             }
         )
         window.clear()
         index = len(evals) - 1
         primary, higher = task.primary_metric, task.higher_is_better
-        if best_all is None or (
-            _best_index(evals, [best_all, index], primary, higher) == index and index != best_all
-        ):
+
+        def improves(current: int | None) -> bool:
+            return current is None or (
+                _best_index(evals, [current, index], primary, higher) == index and index != current
+            )
+
+        if improves(best_all):
             best_all = index
+        # Equal epochs chooses among the scheduled evaluations only, so a method that
+        # reaches the time budget early does not get one more candidate than the others.
+        if scheduled and step <= planned and improves(best_epochs):
+            best_epochs = index
+        if index in (best_all, best_epochs):
             snapshots[index] = _clone_state(model)
-        if step <= planned:
-            best_epochs = best_all
         if time_cut is None:
             best_time = best_all
             if time_budget is not None and train_seconds >= time_budget:
@@ -326,8 +335,9 @@ def train_run(
         budget_crossed = (
             time_budget is not None and time_cut is None and train_seconds >= time_budget
         )
-        if step % eval_interval == 0 or step == planned or finished or budget_crossed:
-            do_eval()
+        scheduled = step % eval_interval == 0 or step == planned
+        if scheduled or finished or budget_crossed:
+            do_eval(scheduled)
         if progress is not None:
             expected = max_steps if time_budget is not None else planned
             share = min(units / max(expected, 1), units - consumed)
@@ -340,8 +350,9 @@ def train_run(
         progress.advance(units - consumed)
 
     # -- selections and the single test evaluation per selected checkpoint -------------
-    # The checkpoints do_eval kept: the best validation score among the evaluations up to
-    # the planned epochs, and among those up to the one where the time budget was reached
+    # The checkpoints do_eval kept: the best validation score among the scheduled
+    # evaluations up to the planned epochs, and among all evaluations up to the one where
+    # the time budget was reached
     # (all of them when the max_time_factor cap stopped training first;
     # time_budget_reached then says so).
     if best_epochs is None or best_time is None:
