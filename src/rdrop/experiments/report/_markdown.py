@@ -372,7 +372,8 @@ def protocol_section(tasks: Sequence[TaskRuns]) -> list[str]:
         "",
         "- **Model selection** on the validation split only: each run is evaluated on the "
         "validation split during training and the best checkpoint (best validation primary "
-        "metric within the budget) is kept.",
+        "metric within the budget) is kept. For equal epochs the candidates are the scheduled "
+        "evaluations (the same steps for every method).",
         "- **Final numbers** are that checkpoint's scores on a held-out **test split that was "
         "never used for selection** (which split, per task: table below).",
         "- **Seeds**: every method is run with the same seeds (same training subsample and "
