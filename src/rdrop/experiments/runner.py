@@ -278,10 +278,8 @@ def train_run(
         index = len(evals) - 1
         primary, higher = task.primary_metric, task.higher_is_better
 
-        def improves(current: int | None) -> bool:
-            return current is None or (
-                _best_index(evals, [current, index], primary, higher) == index and index != current
-            )
+        def improves(current: int | None) -> bool:  # ties keep the earlier evaluation
+            return current is None or _best_index(evals, [current, index], primary, higher) == index
 
         if improves(best_all):
             best_all = index
