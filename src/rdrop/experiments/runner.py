@@ -167,13 +167,9 @@ def check_run(config: RunConfig) -> None:
         raise ConfigError(f"run {config.run_id()}: {error}") from None
 
 
-def _best_index(evals: list[dict[str, Any]], indices: list[int], primary: str, higher: bool) -> int:
-    best = indices[0]
-    for i in indices[1:]:
-        value, current = evals[i]["validation"][primary], evals[best]["validation"][primary]
-        if (value > current) if higher else (value < current):
-            best = i
-    return best
+def _strictly_better(value: float, best: float, higher: bool) -> bool:
+    """Whether a validation score beats the best so far (a tie keeps the earlier one)."""
+    return value > best if higher else value < best
 
 
 def _clone_state(model: nn.Module) -> State:
@@ -278,8 +274,10 @@ def train_run(
         index = len(evals) - 1
         primary, higher = task.primary_metric, task.higher_is_better
 
-        def improves(current: int | None) -> bool:  # ties keep the earlier evaluation
-            return current is None or _best_index(evals, [current, index], primary, higher) == index
+        def improves(current: int | None) -> bool:
+            return current is None or _strictly_better(
+                validation[primary], evals[current]["validation"][primary], higher
+            )
 
         if improves(best_all):
             best_all = index
@@ -350,9 +348,8 @@ def train_run(
     # -- selections and the single test evaluation per selected checkpoint -------------
     # The checkpoints do_eval kept: the best validation score among the scheduled
     # evaluations up to the planned epochs, and among all evaluations up to the one where
-    # the time budget was reached
-    # (all of them when the max_time_factor cap stopped training first;
-    # time_budget_reached then says so).
+    # the time budget was reached (all of them when the max_time_factor cap stopped
+    # training first; time_budget_reached then says so).
     if best_epochs is None or best_time is None:
         raise RuntimeError(f"{config.run_id()}: no evaluation was made (planned {planned} steps)")
     selections: dict[str, Any] = {}
