@@ -206,3 +206,86 @@ def test_cli_reports_bad_config_with_exit_code_2(
     )
     assert main(["sweep", str(config)]) == 2
     assert "[train] unknown key 'epoch'" in capsys.readouterr().err
+
+
+def _converging_run_command(results: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "rdrop.experiments.cli",
+        "run",
+        "sst2",
+        "--method",
+        "rdrop",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--max-epochs",
+        "4",
+        "--patience",
+        "50",
+        "--train-size",
+        "16",
+        "--validation-size",
+        "8",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "16",
+        "--threads",
+        "1",
+        "--checkpoint-every",
+        "0",
+        "--results-dir",
+        str(results),
+        "--data-dir",
+        str(DATA),
+    ]
+
+
+def _comparable(record: dict) -> dict:
+    skip = {"train_seconds", "train_wall_seconds", "wall_seconds", "seconds_per_step"}
+    skip |= {"started_at", "finished_at", "resumes", "command", "environment"}
+
+    def clean(value):  # type: ignore[no-untyped-def]
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in skip}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, float):
+            return round(value, 5)
+        return value
+
+    return clean(record)
+
+
+def test_sigkilled_run_resumes_to_the_record_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    """A real ``rdrop run`` subprocess killed with SIGKILL mid-training, then the same
+    command again: it resumes and writes the record the uninterrupted run writes."""
+    import random
+
+    env = {**os.environ, "RDROP_RESUME_DIR": str(tmp_path / "resume")}
+    whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(
+        _converging_run_command(whole_dir), env=env, capture_output=True, timeout=600, check=True
+    )
+    [whole] = [json.loads(p.read_text()) for p in (whole_dir / "runs").glob("*.json")]
+
+    cmd = _converging_run_command(killed_dir)
+    process = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((tmp_path / "resume").rglob("*.safetensors")):
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.5))
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not list((killed_dir / "runs").glob("*.json")), "the run ended before the kill"
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
+    assert "resuming sst2__rdrop" in resumed.stderr
+    [record] = [json.loads(p.read_text()) for p in (killed_dir / "runs").glob("*.json")]
+    assert record["resumes"] and record["resumes"][0]["step"] >= 1
+    assert _comparable(record) == _comparable(whole)
+    assert not list((tmp_path / "resume").rglob("*.safetensors"))  # deleted with the record

@@ -14,6 +14,7 @@ Every finished run is saved at once; re-running a command skips finished runs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 
 from rdrop.experiments.config import METHOD_FIELDS, ConfigError, RunConfig, load_suite
 from rdrop.experiments.methods import METHODS, method_specs
+from rdrop.experiments.resume import default_resume_dir
 from rdrop.experiments.store import ResultStore
 from rdrop.experiments.tasks import TASKS, DataError, default_data_dir, get_task
 
@@ -98,6 +100,9 @@ _RUN_OPTIONS = (
     "manifold_mixup_alpha",
     "fgm_epsilon",
     "unlabeled_size",
+    "patience",
+    "max_epochs",
+    "min_steps",
 )
 
 
@@ -171,13 +176,22 @@ def _execute(runs: list[RunConfig], args: argparse.Namespace, argv: Sequence[str
     results_dir = Path(args.results_dir)
     store = ResultStore(results_dir)
     checkpoints = results_dir / "checkpoints" if args.save_checkpoints else None
-    print(f"{len(runs)} run(s); results in {results_dir}", file=sys.stderr)
+    if not (args.checkpoint_every >= 0 and math.isfinite(args.checkpoint_every)):
+        raise ConfigError(f"--checkpoint-every must be >= 0 seconds, got {args.checkpoint_every}")
+    resume_dir = Path(args.resume_dir) if args.resume_dir else default_resume_dir()
+    print(
+        f"{len(runs)} run(s); results in {results_dir}; resumable checkpoints every "
+        f"{args.checkpoint_every:g} s in {resume_dir}",
+        file=sys.stderr,
+    )
     run_suite(
         runs,
         store,
         data_dir=_data_dir(args),
         command=_command_line(argv),
         checkpoint_dir=checkpoints,
+        resume_dir=resume_dir,
+        checkpoint_every=args.checkpoint_every,
     )
     _finish(results_dir, sys.stdout)
     return 0
@@ -338,6 +352,20 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--threads", type=int, default=None, help="torch threads (default: all CPU cores)"
         )
+        p.add_argument(
+            "--checkpoint-every",
+            type=float,
+            default=600.0,
+            metavar="SECONDS",
+            help="write a resumable checkpoint of the run in progress this often (default "
+            "600; 0: after every step); the same command resumes a killed run",
+        )
+        p.add_argument(
+            "--resume-dir",
+            default=None,
+            help="folder for the resumable checkpoints (default: $RDROP_RESUME_DIR or "
+            "~/.cache/rdrop/resume; deleted per run once its record is written)",
+        )
 
     demo = sub.add_parser(
         "demo", help="baseline vs R-Drop on real data, about ten minutes on 2 CPU cores"
@@ -369,6 +397,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dropout", type=float)
     run.add_argument("--max-length", type=int)
     run.add_argument("--evals-per-epoch", type=int)
+    converge = run.add_argument_group("convergence protocol (early stopping on validation)")
+    converge.add_argument(
+        "--patience",
+        type=int,
+        help="stop after this many evaluations without a new best validation score",
+    )
+    converge.add_argument(
+        "--max-epochs",
+        type=float,
+        help="the most epochs a converging run trains (default: --epochs)",
+    )
+    converge.add_argument(
+        "--min-steps", type=int, help="never stop early before this many steps (default 0)"
+    )
     run.add_argument(
         "--data-seeds",
         type=int,
@@ -457,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args, argv))
-    except (ConfigError, DataError, ValueError) as error:
+    except (ConfigError, DataError, ValueError, OSError) as error:
         print(f"rdrop: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -124,6 +124,16 @@ class RunConfig:
     #: Semi-supervised (``rdrop_semi``): an unlabeled pool of this many examples drawn from
     #: the rest of the training split, labels discarded.
     unlabeled_size: int | None = None
+    # -- Convergence protocol (``patience`` set): train up to ``max_epochs`` epochs and stop
+    # early once validation has not improved for ``patience`` scheduled evaluations. -------
+    #: Early stopping: scheduled evaluations without a new best before the run stops
+    #: (``None``: no early stopping, train exactly ``epochs``).
+    patience: int | None = None
+    #: The most epochs a converging run may train (default: ``epochs``); ``epochs`` stays
+    #: the equal-epochs budget.
+    max_epochs: float | None = None
+    #: Early stopping never stops a run before this many optimizer steps.
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
         positive = {
@@ -196,9 +206,39 @@ class RunConfig:
                 and math.isfinite(value)
             ):
                 raise ConfigError(f"{key} must be a finite number > 0 or null, got {value!r}")
+        self._check_convergence_fields()
         if self.shots_per_class is not None and self.train_size is not None:
             # The k-per-class draw is the training set: train_size does not apply.
             object.__setattr__(self, "train_size", None)
+
+    def _check_convergence_fields(self) -> None:
+        patience, max_epochs, min_steps = self.patience, self.max_epochs, self.min_steps
+        if patience is not None and (
+            isinstance(patience, bool) or not isinstance(patience, int) or patience < 1
+        ):
+            raise ConfigError(f"patience must be an integer >= 1 or null, got {patience!r}")
+        if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 0:
+            raise ConfigError(f"min_steps must be an integer >= 0, got {min_steps!r}")
+        if max_epochs is not None:
+            if isinstance(max_epochs, bool) or not isinstance(max_epochs, (int, float)):
+                raise ConfigError(f"max_epochs must be a number or null, got {max_epochs!r}")
+            if not (math.isfinite(max_epochs) and max_epochs >= self.epochs):
+                raise ConfigError(
+                    f"max_epochs must be a finite number >= epochs ({self.epochs:g}), "
+                    f"got {max_epochs!r}"
+                )
+            if patience is None:
+                raise ConfigError(
+                    "max_epochs needs patience: set patience (evaluations without "
+                    "improvement before early stopping) for a run that trains to convergence"
+                )
+        if min_steps and patience is None:
+            raise ConfigError("min_steps needs patience (it delays early stopping)")
+
+    @property
+    def converges(self) -> bool:
+        """Whether the run follows the convergence protocol (early stopping is on)."""
+        return self.patience is not None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
@@ -253,6 +293,9 @@ _OPTIONAL_IN_ID: dict[str, Any] = {
         "fgm_epsilon",
         "shots_per_class",
         "unlabeled_size",
+        "patience",
+        "max_epochs",
+        "min_steps",
     )
 }
 

@@ -56,6 +56,21 @@ class ResultStore:
                 found.append(record)
         return found
 
+    def check_writable(self) -> None:
+        """Raise :class:`OSError` naming the folder unless records can be written there
+        (checked before the first training step, not after hours of training)."""
+        if self.results_dir.exists() and not self.results_dir.is_dir():
+            raise NotADirectoryError(f"--results-dir {self.results_dir} is a file, not a folder")
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(prefix=".write-check.", dir=self.runs_dir)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            raise PermissionError(
+                f"--results-dir {self.results_dir}: cannot write run records there ({error})"
+            ) from None
+
     def write(self, record: dict[str, Any]) -> Path:
         """Atomically write ``record`` (which must carry ``run_id``)."""
         run_id = record["run_id"]

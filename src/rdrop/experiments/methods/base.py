@@ -56,6 +56,12 @@ class RunContext:
     unlabeled: Sequence[Example] = ()
     #: Counters a method reports in the run record (e.g. unlabeled examples seen).
     counters: dict[str, Any] = field(default_factory=dict)
+    #: State a method keeps between steps besides the model and the generators (a step
+    #: counter, an unlabeled order): name -> (get, set) of a JSON-compatible value, saved
+    #: in resumable checkpoints so a resumed run continues exactly.
+    resumable: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = field(
+        default_factory=dict
+    )
 
 
 def logits_of(output: object) -> torch.Tensor:

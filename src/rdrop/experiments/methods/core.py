@@ -76,8 +76,12 @@ def rdrop_wrapper(
     label_smoothing: float | None = None,
     config: RunConfig | None = None,
     loss_task: Any = None,
+    context: RunContext | None = None,
 ) -> rdrop.RDrop:
-    """:class:`rdrop.RDrop` around ``model`` for ``task`` (and the ablations of ``config``)."""
+    """:class:`rdrop.RDrop` around ``model`` for ``task`` (and the ablations of ``config``).
+
+    With ``context``, the wrapper's step counter (every-k steps) is registered as
+    resumable state."""
     options: dict[str, Any] = {}
     if config is not None:
         options = {
@@ -96,6 +100,11 @@ def rdrop_wrapper(
         **options,
     )
     wrapped.train()
+    if context is not None:
+        context.resumable["rdrop_step"] = (
+            lambda: wrapped.step,
+            lambda value: setattr(wrapped, "step", int(value)),
+        )
     return wrapped
 
 
@@ -190,7 +199,7 @@ class RDropMethod(Method):
     def prepare(
         self, model: nn.Module, task: Task, config: RunConfig, context: RunContext
     ) -> TrainStep:
-        wrapped = rdrop_wrapper(model, task, _alpha(self, config), config=config)
+        wrapped = rdrop_wrapper(model, task, _alpha(self, config), config=config, context=context)
         return _wrapped_step(wrapped)
 
 
@@ -203,7 +212,7 @@ class DoubledBatch(Method):
     def prepare(
         self, model: nn.Module, task: Task, config: RunConfig, context: RunContext
     ) -> TrainStep:
-        wrapped = rdrop_wrapper(model, task, 0.0)
+        wrapped = rdrop_wrapper(model, task, 0.0, context=context)
         return _wrapped_step(wrapped)
 
 
@@ -218,7 +227,11 @@ class RDropLabelSmoothing(_SmoothedTargets):
         self, model: nn.Module, task: Task, config: RunConfig, context: RunContext
     ) -> TrainStep:
         wrapped = rdrop_wrapper(
-            model, task, _alpha(self, config), label_smoothing=_label_smoothing(config)
+            model,
+            task,
+            _alpha(self, config),
+            label_smoothing=_label_smoothing(config),
+            context=context,
         )
         return _wrapped_step(wrapped)
 
@@ -238,6 +251,13 @@ class UnlabeledBatches:
         self.generator = generator
         self._order: list[int] = []
         self.seen = 0
+
+    def state(self) -> dict[str, Any]:
+        """The position in the current pass (for resumable checkpoints)."""
+        return {"order": list(self._order), "seen": self.seen}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._order, self.seen = [int(i) for i in state["order"]], int(state["seen"])
 
     def next(self, n: int) -> dict[str, torch.Tensor]:
         chosen: list[int] = []
@@ -276,9 +296,10 @@ class RDropSemi(Method):
     def prepare(
         self, model: nn.Module, task: Task, config: RunConfig, context: RunContext
     ) -> TrainStep:
-        wrapped = rdrop_wrapper(model, task, _alpha(self, config))
+        wrapped = rdrop_wrapper(model, task, _alpha(self, config), context=context)
         batches = UnlabeledBatches(context.unlabeled, context.collate, context.generator)
         context.counters["unlabeled_seen"] = 0
+        context.resumable["unlabeled"] = (batches.state, batches.load_state)
 
         def step(inputs: dict[str, torch.Tensor], target: torch.Tensor) -> StepOutput:
             labelled = wrapped(**inputs, target=target)

@@ -274,7 +274,9 @@ class RDropMixUp(_MixingMethod):
     ) -> TrainStep:
         mixer = self._mixer(model, task, config, context)
         assert config.alpha is not None
-        wrapped = rdrop_wrapper(model, task, config.alpha, loss_task=mixer.rdrop_task())
+        wrapped = rdrop_wrapper(
+            model, task, config.alpha, loss_task=mixer.rdrop_task(), context=context
+        )
 
         def step(inputs: dict[str, torch.Tensor], target: torch.Tensor) -> StepOutput:
             with mixer.mixing(inputs, target) as (mixed_inputs, mix):
@@ -353,7 +355,7 @@ class RDropFGM(_FGMBase):
     ) -> TrainStep:
         fgm = self._fgm(model, task, config)
         assert config.alpha is not None
-        wrapped = rdrop_wrapper(model, task, config.alpha)
+        wrapped = rdrop_wrapper(model, task, config.alpha, context=context)
 
         def step(inputs: dict[str, torch.Tensor], target: torch.Tensor) -> StepOutput:
             outputs: list[rdrop.RDropOutput] = []

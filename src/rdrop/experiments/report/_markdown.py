@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from rdrop.experiments.report._convergence import convergence_lines, converging
 from rdrop.experiments.report._grouping import (
     BOOTSTRAP_SEED,
     CONFIDENCE,
@@ -31,8 +32,22 @@ from rdrop.experiments.stats import (
     mean_std,
 )
 
-_BUDGET_TITLES = {"equal_epochs": "equal epochs", "equal_time": "equal wall-clock time"}
-_BUDGET_SHORT = {"equal_epochs": "eq. epochs", "equal_time": "eq. time"}
+_BUDGET_TITLES = {
+    "converged": "converged vs converged",
+    "equal_epochs": "equal epochs",
+    "equal_time": "equal wall-clock time",
+}
+_BUDGET_SHORT = {"converged": "converged", "equal_epochs": "eq. epochs", "equal_time": "eq. time"}
+
+
+def _budgets(task: TaskRuns) -> list[str]:
+    """The budgets a task's tables show: converged and equal epochs for runs trained to
+    an early stop (their time budgets are in the time-to-quality table), else equal epochs
+    and, where measured, equal time."""
+    if converging(task):
+        return ["converged", "equal_epochs"]
+    return [b for b in ("equal_epochs", "equal_time") if b == "equal_epochs" or task.has_budget(b)]
+
 
 # The regularizers R-Drop is compared with and combined with: (alone, combined).
 _REGULARIZER_PAIRS = (
@@ -52,7 +67,8 @@ def verdict_line(task: TaskRuns) -> str:
         return f"{head}: no baseline runs to compare with."
     group, reason = chosen
     parts = []
-    for budget in BUDGETS:
+    budgets = ["converged", "equal_epochs"] if converging(task) else ["equal_epochs", "equal_time"]
+    for budget in budgets:
         if budget == "equal_time" and not task.has_budget(budget):
             parts.append(f"{_BUDGET_TITLES[budget]}: not measured")
             continue
@@ -101,7 +117,7 @@ def _mean_std_cell(group: MethodRuns, budget: str, split: str, metric: str, digi
 
 def _main_table(task: TaskRuns) -> str:
     metric, digits = task.primary, _digits(task, task.primary)
-    budgets = [b for b in BUDGETS if b == "equal_epochs" or task.has_budget(b)]
+    budgets = _budgets(task)
     header = ["method", "seeds"]
     for budget in budgets:
         short = _BUDGET_SHORT[budget]
@@ -131,7 +147,7 @@ def _main_table(task: TaskRuns) -> str:
                     format_interval(diff.boot_low, diff.boot_high, digits),
                     _wtl(diff, task.higher_is_better),
                 ]
-        row.append(_mean_std_cell(group, "equal_epochs", "validation", metric, digits))
+        row.append(_mean_std_cell(group, budgets[0], "validation", metric, digits))
         sps = group.seconds_per_step()
         row.append("—" if math.isnan(sps) else f"{sps:.3f}" if sps < 10 else f"{sps:.1f}")
         ratio = sps / base_sps if base_sps > 0 else math.nan
@@ -225,7 +241,7 @@ def _comparison_table(task: TaskRuns) -> str | None:
     if not pairs:
         return None
     metric, digits = task.primary, _digits(task, task.primary)
-    budgets = [b for b in BUDGETS if b == "equal_epochs" or task.has_budget(b)]
+    budgets = _budgets(task)
     header = ["first", "second"]
     for budget in budgets:
         short = _BUDGET_SHORT[budget]
@@ -251,7 +267,7 @@ def _comparison_table(task: TaskRuns) -> str | None:
 def _secondary_table(task: TaskRuns) -> str | None:
     if len(task.metrics) < 2:
         return None
-    budgets = [b for b in BUDGETS if b == "equal_epochs" or task.has_budget(b)]
+    budgets = _budgets(task)
     header = ["method"] + [f"test {m} ({_BUDGET_SHORT[b]})" for b in budgets for m in task.metrics]
     rows = [
         [group.label]
@@ -505,6 +521,8 @@ def task_section(task: TaskRuns, plots: Sequence[tuple[str, str]]) -> list[str]:
         "",
         _main_table(task),
     ]
+    if converging(task):
+        lines += convergence_lines(task, _digits(task, task.primary))
     comparisons = _comparison_table(task)
     if comparisons is not None:
         lines += [
@@ -517,14 +535,13 @@ def task_section(task: TaskRuns, plots: Sequence[tuple[str, str]]) -> list[str]:
     secondary = _secondary_table(task)
     if secondary is not None:
         lines += ["", "All metrics (test, mean ± std over seeds):", "", secondary]
-    for budget in BUDGETS:
-        if budget == "equal_epochs" or task.has_budget(budget):
-            lines += [
-                "",
-                f"Per-seed test {task.primary} ({_BUDGET_TITLES[budget]}):",
-                "",
-                _per_seed_table(task, budget),
-            ]
+    for budget in _budgets(task):
+        lines += [
+            "",
+            f"Per-seed test {task.primary} ({_BUDGET_TITLES[budget]}):",
+            "",
+            _per_seed_table(task, budget),
+        ]
     if task.notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in task.notes]
     if plots:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rdrop.experiments.report._convergence import converging, plot_best_so_far
 from rdrop.experiments.report._grouping import TaskRuns
 from rdrop.experiments.report._records import (
     Record,
@@ -259,6 +260,11 @@ def task_plots(task: TaskRuns, colors: dict[str, str], plots_dir: Path) -> list[
                 f"{task.title}: consistency of two dropout passes",
                 log_y=True,
             ),
+        ),
+        (
+            f"{task.title}: time to quality (best-so-far validation {primary})",
+            f"{stem}_time_to_quality.png",
+            lambda p: converging(task) and plot_best_so_far(task, colors, p),
         ),
         (
             f"{task.title}: α-sensitivity",

@@ -18,7 +18,7 @@ from rdrop.experiments.config import METHOD_FIELDS, config_value
 
 Record = dict[str, Any]
 
-BUDGETS: tuple[str, ...] = ("equal_epochs", "equal_time")
+BUDGETS: tuple[str, ...] = ("converged", "equal_epochs", "equal_time")
 
 # Methods whose equal-time model is their equal-epochs model, for records that do not say
 # (written before ``method_info``; all of them plain R-Drop or the doubled batch).
@@ -77,7 +77,10 @@ def _missing_keys(record: Any) -> list[str]:
         missing.append("task")
     else:
         missing += [f"task.{k}" for k in ("name", "primary_metric") if k not in task]
-    if not isinstance(selections, dict) or not isinstance(selections.get("equal_epochs"), dict):
+    diverged = record.get("diverged") is True
+    if not isinstance(selections, dict) or not (
+        diverged or isinstance(selections.get("equal_epochs"), dict)
+    ):
         missing.append("selections.equal_epochs")
     return missing
 
@@ -129,7 +132,7 @@ def load_records(results_dir: str | os.PathLike[str]) -> list[Record]:
                 stacklevel=2,
             )
             continue
-        if record.get("schema", 1) != 1:
+        if record.get("schema", 1) not in (1, 2):
             warnings.warn(
                 f"{path.name}: unknown record schema {record.get('schema')!r}, reading it as 1",
                 ReportWarning,

@@ -1,0 +1,188 @@
+"""The convergence protocol (early stopping, convergence marking) and exact resume, on a
+toy task that trains in milliseconds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rdrop.experiments import tasks as task_registry
+from rdrop.experiments.config import ConfigError, RunConfig
+from rdrop.experiments.resume import ResumeError, load_resume_state, resume_path, save_resume_state
+from rdrop.experiments.runner import train_run
+from rdrop.experiments.store import ResultStore
+from tests.experiments._toy import ToyTask, examples
+
+
+class ScriptedTask(ToyTask):
+    """The toy task whose validation score follows a script (one value per evaluation),
+    so early stopping can be checked against hand-counted evaluations."""
+
+    name = "scripted"
+
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__(examples(16))
+        self.scores = scores
+        self.calls = 0
+
+    def evaluate(self, model, data, collate, batch_size, *, final=False):  # type: ignore[no-untyped-def]
+        if final:
+            return {"accuracy": 0.5}
+        value = self.scores[min(self.calls, len(self.scores) - 1)]
+        self.calls += 1
+        return {"accuracy": value}
+
+
+TOY = {"epochs": 1.0, "train_size": 16, "batch_size": 4, "evals_per_epoch": 2, "probe_size": 4}
+
+
+def _register(monkeypatch: pytest.MonkeyPatch, task: ToyTask) -> None:
+    monkeypatch.setitem(task_registry.TASKS, task.name, task)
+
+
+def test_convergence_fields_are_validated() -> None:
+    with pytest.raises(ConfigError, match="patience must be an integer >= 1"):
+        RunConfig("sst2", patience=0)
+    with pytest.raises(ConfigError, match="max_epochs needs patience"):
+        RunConfig("sst2", max_epochs=4.0)
+    with pytest.raises(ConfigError, match="max_epochs must be a finite number >= epochs"):
+        RunConfig("sst2", epochs=3.0, max_epochs=2.0, patience=2)
+    with pytest.raises(ConfigError, match="min_steps needs patience"):
+        RunConfig("sst2", min_steps=10)
+    # The new fields at their defaults leave every existing run id unchanged.
+    assert "patience" not in RunConfig("sst2").identity()
+    assert RunConfig("sst2", patience=3).run_id() != RunConfig("sst2").run_id()
+
+
+def test_early_stop_after_patience_evaluations_without_improvement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 2 evaluations per epoch of 4 steps: evaluations at steps 2, 4, 6, ...
+    task = ScriptedTask([0.5, 0.7, 0.6, 0.7, 0.65, 0.9])
+    _register(monkeypatch, task)
+    config = RunConfig("scripted", max_epochs=10.0, patience=3, equal_time=False, **TOY)
+    record = train_run(config, ResultStore(tmp_path), data_dir=tmp_path)
+    # Best 0.7 at the 2nd evaluation; a tie (0.7) does not improve; the 3rd evaluation after
+    # the best stops the run, before the 0.9 it would have reached.
+    assert [e["step"] for e in record["evals"]] == [2, 4, 6, 8, 10]
+    assert record["converged"] is True and record["stop_reason"] == "early_stop"
+    assert record["selections"]["converged"]["step"] == 4
+    assert record["selections"]["equal_epochs"]["step"] == 4  # within epochs = 1 (step 4)
+    # Test scores exist exactly for the best-so-far checkpoints.
+    assert [("test" in e) for e in record["evals"]] == [True, True, False, False, False]
+
+
+def test_min_steps_delays_the_early_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    task = ScriptedTask([0.9, 0.5, 0.5, 0.5, 0.5, 0.5])
+    _register(monkeypatch, task)
+    config = RunConfig(
+        "scripted", max_epochs=10.0, patience=1, min_steps=8, equal_time=False, **TOY
+    )
+    record = train_run(config, ResultStore(tmp_path), data_dir=tmp_path)
+    assert record["steps"] == 8 and record["converged"] is True
+
+
+def test_a_run_that_hits_max_epochs_is_not_converged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = ScriptedTask([0.1 * i for i in range(1, 30)])  # improves at every evaluation
+    _register(monkeypatch, task)
+    config = RunConfig("scripted", max_epochs=2.0, patience=2, equal_time=False, **TOY)
+    record = train_run(config, ResultStore(tmp_path), data_dir=tmp_path)
+    assert record["steps"] == 8 and record["max_steps"] == 8
+    assert record["converged"] is False and record["stop_reason"] == "max_epochs"
+
+
+def test_training_seconds_use_the_process_cpu_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _register(monkeypatch, ToyTask(examples(16)))
+    config = RunConfig("toy", equal_time=False, **TOY)
+    record = train_run(config, ResultStore(tmp_path), data_dir=tmp_path)
+    assert record["clock"] == "process_cpu"
+    assert record["train_seconds"] > 0 and record["train_wall_seconds"] > 0
+    times = [e["train_seconds"] for e in record["evals"]]
+    assert times == sorted(times)
+
+
+class Killed(Exception):
+    pass
+
+
+def _strip_times(record: dict[str, Any]) -> dict[str, Any]:
+    """What an interrupted run must reproduce: everything but clocks, dates and resumes."""
+    skip = {"train_seconds", "train_wall_seconds", "wall_seconds", "seconds_per_step"}
+    skip |= {"started_at", "finished_at", "resumes", "environment"}
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in skip}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(record)
+
+
+@pytest.mark.parametrize("method", ["baseline", "rdrop", "mixup"])
+@pytest.mark.parametrize("kill_at", [1, 5, 9])
+def test_a_run_killed_at_any_step_resumes_to_the_same_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, kill_at: int
+) -> None:
+    _register(monkeypatch, ToyTask(examples(16)))
+    alpha = 1.0 if method == "rdrop" else None
+    config = RunConfig(
+        "toy", method, alpha=alpha, max_epochs=4.0, patience=20, equal_time=False, **TOY
+    )
+    whole = train_run(config, ResultStore(tmp_path / "a"), data_dir=tmp_path)
+
+    store = ResultStore(tmp_path / "b")
+    resume = resume_path(tmp_path / "resume", store.results_dir, config.run_id())
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dying_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > kill_at:
+            raise Killed
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(Killed):
+        train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
+    assert resume.is_file() and not store.has(config.run_id())
+    assert load_resume_state(resume)["loop"]["step"] == kill_at
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
+    assert not resume.exists()  # deleted once the record is written
+    assert resumed["resumes"][0]["step"] == kill_at
+    assert _strip_times(resumed) == _strip_times(whole)
+    # Training time excludes the time the run was down and the repeated work.
+    first = whole["evals"][0]["train_seconds"]
+    assert math.isfinite(first)
+
+
+def test_a_checkpoint_of_another_configuration_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _register(monkeypatch, ToyTask(examples(16)))
+    config = RunConfig("toy", equal_time=False, **TOY)
+    resume = tmp_path / "x.safetensors"
+    save_resume_state(resume, {"run_id": "other", "config": {}})
+    record = train_run(config, ResultStore(tmp_path), data_dir=tmp_path, resume_file=resume)
+    assert record["resumes"] == []
+    assert "cannot resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not safetensors at all", b"\x80\x04\x95 a pickle renamed"]
+)
+def test_a_corrupt_checkpoint_names_the_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ResumeError, match="bad.safetensors"):
+        load_resume_state(path)

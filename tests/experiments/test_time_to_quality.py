@@ -1,0 +1,144 @@
+"""Time-to-quality statistics against values computed by hand, and the report built on
+them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rdrop.experiments.report import write_report
+from rdrop.experiments.report._convergence import paired_at_budget, time_budgets
+from rdrop.experiments.store import ResultStore
+from rdrop.experiments.time_to_quality import (
+    best_so_far,
+    crossing_time,
+    mean_best_so_far,
+    selected_test,
+    time_to_best,
+)
+
+# (training seconds, validation accuracy, test accuracy of a best-so-far checkpoint)
+CURVES: dict[tuple[str, int], list[tuple[float, float, float | None]]] = {
+    ("baseline", 0): [(10, 0.60, 0.58), (20, 0.70, 0.66), (30, 0.68, None), (40, 0.69, None)],
+    ("baseline", 1): [(10, 0.62, 0.60), (20, 0.66, 0.64), (30, 0.72, 0.70), (40, 0.71, None)],
+    ("rdrop", 0): [(20, 0.55, 0.50), (40, 0.72, 0.71), (60, 0.75, 0.74), (80, 0.74, None)],
+    ("rdrop", 1): [(20, 0.58, 0.52), (40, 0.70, 0.69), (60, 0.76, 0.75), (80, 0.75, None)],
+}
+
+
+def record(method: str, seed: int) -> dict[str, Any]:
+    evals = []
+    for seconds, validation, test in CURVES[(method, seed)]:
+        entry: dict[str, Any] = {
+            "step": int(seconds),  # one second per step
+            "epoch": seconds / 10,
+            "train_seconds": float(seconds),
+            "validation": {"accuracy": validation},
+            "scheduled": True,
+        }
+        if test is not None:
+            entry["test"] = {"accuracy": test}
+        evals.append(entry)
+    best = max(range(len(evals)), key=lambda i: (evals[i]["validation"]["accuracy"], -i))
+    selection = {**evals[best], "eval_index": best}
+    last = evals[-1]
+    alpha = 1.0 if method == "rdrop" else None
+    return {
+        "schema": 2,
+        "run_id": f"toy__{method}__s{seed}",
+        "config": {
+            "task": "sst2",
+            "method": method,
+            "alpha": alpha,
+            "seed": seed,
+            "patience": 2,
+            "max_epochs": 10.0,
+            "epochs": 4.0,
+        },
+        "task": {"name": "sst2", "primary_metric": "accuracy", "metrics": ["accuracy"]},
+        "evals": evals,
+        "train_curve": [],
+        "steps": last["step"],
+        "epochs_run": last["epoch"],
+        "train_seconds": last["train_seconds"],
+        "seconds_per_step": 1.0,
+        "converged": not (method == "baseline" and seed == 1),
+        "selections": {"converged": selection, "equal_epochs": selection, "equal_time": None},
+        "environment": {"torch_threads": 1},
+        "finished_at": "2026-12-01T00:00:00",
+    }
+
+
+BASE = [record("baseline", 0), record("baseline", 1)]
+RDROP = [record("rdrop", 0), record("rdrop", 1)]
+
+
+def test_best_so_far_and_selection_by_budget() -> None:
+    run = BASE[0]
+    assert best_so_far(run, 5, "accuracy") is None
+    assert best_so_far(run, 35, "accuracy") == 0.70  # 0.68 at 30 s does not improve
+    assert selected_test(run, 35, "accuracy") == 0.66
+    assert time_to_best(run, "accuracy") == 20
+    assert time_to_best(BASE[1], "accuracy") == 30
+
+
+def test_mean_best_so_far_is_undefined_until_every_run_has_evaluated() -> None:
+    curve = mean_best_so_far(RDROP, [10, 20, 40, 60], "accuracy")
+    assert curve[0] is None
+    assert curve[1] == pytest.approx((0.565, 0.55, 0.58))
+    assert curve[2] == pytest.approx((0.71, 0.70, 0.72))
+    assert curve[3] == pytest.approx((0.755, 0.75, 0.76))
+
+
+def test_crossing_time_is_when_the_treatment_stays_ahead() -> None:
+    # Baseline mean: 0.61, 0.68, 0.71 from 30 s on; R-Drop: 0.565 at 20 s, 0.71 at 40 s
+    # (a tie, not ahead), 0.755 from 60 s: the crossing is at 60 s = 6 baseline epochs.
+    crossing = crossing_time(RDROP, BASE, "accuracy", control_seconds_per_epoch=10.0)
+    assert crossing.seconds == 60 and crossing.control_epochs == pytest.approx(6.0)
+    never = crossing_time(BASE, RDROP, "accuracy")
+    assert never.seconds is None and never.control_epochs is None
+
+
+def test_lower_is_better_metrics_flip_the_comparisons() -> None:
+    flipped = [
+        {
+            **r,
+            "evals": [
+                {**e, "validation": {"loss": -e["validation"]["accuracy"]}} for e in r["evals"]
+            ],
+        }
+        for r in RDROP
+    ]
+    assert best_so_far(flipped[0], 100, "loss", higher=False) == -0.75
+    assert time_to_best(flipped[1], "loss", higher=False) == 60
+
+
+def test_budgets_and_paired_differences_by_hand() -> None:
+    budgets = time_budgets(RDROP, BASE, "accuracy")
+    assert [seconds for _, seconds in budgets] == [25.0, 60.0, 80.0]
+    at_25 = paired_at_budget(RDROP, BASE, 25.0, "accuracy")
+    # Selected by 25 s: baseline 0.66 and 0.64 (both at 20 s), R-Drop 0.50 and 0.52.
+    assert at_25 is not None and at_25.mean == pytest.approx(-0.14) and at_25.n == 2
+    at_60 = paired_at_budget(RDROP, BASE, 60.0, "accuracy")
+    # Baseline 0.66 and 0.70, R-Drop 0.74 and 0.75: differences 0.08 and 0.05.
+    assert at_60 is not None and at_60.mean == pytest.approx(0.065)
+    assert at_60.std == pytest.approx(math.sqrt((0.08 - 0.065) ** 2 + (0.05 - 0.065) ** 2))
+    assert paired_at_budget(RDROP, BASE, 15.0, "accuracy") is None  # R-Drop has no model yet
+
+
+def test_report_shows_time_to_quality_and_marks_unconverged_runs(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    for r in BASE + RDROP:
+        store.write(r)
+    text = write_report(tmp_path).read_text()
+    assert "Convergence: 3 of 4 runs converged" in text
+    assert "**Not converged:** baseline seed 1 (hit max_epochs)" in text
+    assert "| baseline's time to its best | 25.00 s |" not in text  # >= 10 s: whole seconds
+    assert "| baseline's time to its best | 25 s | -0.1400 |" in text
+    assert "| converged vs converged | — | +0.0650 |" in text
+    assert "at 60 s (6.0 baseline epochs)" in text
+    assert "needed +35 steps and +35 training seconds" in text
+    assert (tmp_path / "plots" / "sst2_time_to_quality.png").is_file()
