@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from rdrop._double_backward import building_graph, differentiable_grads, rows_reference
 
 __all__ = [
     "DEFAULT_CHUNK_NUMEL",
@@ -297,15 +298,21 @@ class _FusedRows(torch.autograd.Function):
         else:
             ce_rows = torch.zeros(2, 0, dtype=dtype, device=dev)
             ctx.mark_non_differentiable(ce_rows)
-        ctx.save_for_backward(x, y, tgt, ce_keep, kl_keep, rows, dead, bad)
+        ctx.save_for_backward(x, y, tgt, ce_keep, kl_keep, rows, dead, bad, target)
         ctx.meta = (n, r, smoothing, dtype)
         return kl_rows, ce_rows
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_kl: Tensor, grad_ce: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, y, tgt, ce_keep, kl_keep, rows, dead, bad = ctx.saved_tensors
+        x, y, tgt, ce_keep, kl_keep, rows, dead, bad, target = ctx.saved_tensors
         n, r, smoothing, dtype = ctx.meta
+        if building_graph():  # double backward: differentiate the plain-autograd rows
+            with torch.enable_grad():
+                kl_ref, ce_ref = rows_reference(x, y, target, ce_keep, kl_keep, smoothing)
+            grad_x, grad_y = differentiable_grads(
+                [kl_ref, ce_ref], [grad_kl, grad_ce], [x, y], ctx.needs_input_grad[:2]
+            )
+            return (grad_x, grad_y, *_NONES7[2:])
         concat = y is None
         need = (ctx.needs_input_grad[0], (not concat) and ctx.needs_input_grad[1])
         if not any(need):

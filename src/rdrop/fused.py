@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from rdrop._checks import check_alpha, check_int, check_label_smoothing
+from rdrop._double_backward import building_graph, differentiable_grads, linear_reference_loss
 from rdrop._kl_kernel import ChunkMath
 from rdrop.losses import (
     RDropOutput,
@@ -256,19 +257,32 @@ class _LinearRDrop(torch.autograd.Function):
         kl = kl_sum / max(n_kl, 1)
         loss = task + (alpha / 2.0) * kl
         ctx.mark_non_differentiable(task, kl)
+        ctx.meta = (n_ce, n_kl, alpha, smoothing)
+        # The inputs (references, no copies) serve a double backward only.
+        inputs = (hidden, weight, bias, target, ce_keep, kl_keep)
         if grad_h is not None and grad_w is not None and grad_b is not None:
             ctx.save_for_backward(
                 grad_h.reshape(hidden.shape),
                 grad_w.to(weight.dtype),
                 None if bias is None else grad_b.to(bias.dtype),
+                *inputs,
             )
         else:
-            ctx.save_for_backward(None, None, None)
+            ctx.save_for_backward(None, None, None, *inputs)
         return loss, task, kl
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grad_h, grad_w, grad_b = ctx.saved_tensors
+        grad_h, grad_w, grad_b, hidden, weight, bias, target, ce_keep, kl_keep = ctx.saved_tensors
+        if building_graph():  # double backward: differentiate the loss through the logits
+            with torch.enable_grad():
+                loss = linear_reference_loss(
+                    hidden, weight, bias, target, ce_keep, kl_keep, *ctx.meta
+                )
+            grads = differentiable_grads(
+                [loss], [grad_loss], [hidden, weight, bias], ctx.needs_input_grad[:3]
+            )
+            return (*grads, *(None,) * 9)
         if grad_h is None:
             raise RuntimeError(
                 "rdrop_linear_cross_entropy: the gradient was not computed in forward "

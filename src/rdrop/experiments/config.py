@@ -441,6 +441,9 @@ def validate_run_overrides(values: dict[str, Any], where: str) -> dict[str, Any]
         if key not in _RUN_FIELDS:
             known = ", ".join(sorted(k for k in _RUN_FIELDS if k not in ("task", "method")))
             raise ConfigError(f"[{where}] unknown key {key!r}; known keys: {known}")
+        if key in ("train_size", "validation_size", "test_size") and value == "all":
+            checked[key] = None  # TOML has no null: "all" is the whole split
+            continue
         annotation = str(_RUN_FIELDS[key].type)
         checked[key] = _check_type(f"[{where}] {key}", value, annotation)
     return checked
