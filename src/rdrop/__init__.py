@@ -22,7 +22,14 @@ from rdrop.functional import (
     symmetric_kl_reference,
 )
 from rdrop.fused import rdrop_cross_entropy, rdrop_linear_cross_entropy
-from rdrop.losses import ConsistencyLoss, RDropLoss, RDropOutput, rdrop_loss, task_loss
+from rdrop.losses import (
+    ConsistencyLoss,
+    NonFiniteLossError,
+    RDropLoss,
+    RDropOutput,
+    rdrop_loss,
+    task_loss,
+)
 from rdrop.probe import ProbeResult, dropout_consistency
 from rdrop.regularizers import (
     FGM,
@@ -54,6 +61,7 @@ __all__ = [
     "RDropLoss",
     "ConsistencyLoss",
     "RDropOutput",
+    "NonFiniteLossError",
     "rdrop_cross_entropy",
     "rdrop_linear_cross_entropy",
     # wrapper

@@ -130,8 +130,14 @@ def extract_logits(output: Any, getter: LogitsGetter) -> Tensor:
 def split_passes(logits: Tensor, batch_size: int, passes: int, hint: str) -> list[Tensor]:
     """Split logits of ``passes`` concatenated copies of a batch into one view per pass.
 
-    Raises a ``ValueError`` (ending with ``hint``) when dim 0 is not ``passes * batch_size``.
+    Raises a ``ValueError`` (ending with ``hint``) when dim 0 is not ``passes * batch_size``,
+    and one that says so for an empty batch.
     """
+    if batch_size == 0:
+        raise ValueError(
+            "the batch is empty (0 rows): R-Drop compares dropout passes of at least one "
+            "example; skip empty batches before the call"
+        )
     if logits.ndim == 0 or logits.shape[0] != passes * batch_size:
         raise ValueError(
             f"the model output has shape {tuple(logits.shape)} on an input batch of "

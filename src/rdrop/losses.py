@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rdrop._checks import check_alpha, check_label_smoothing
+from rdrop._checks import check_alpha, check_int, check_label_smoothing
 from rdrop._kl_kernel import fused_rows
 from rdrop.functional import (
     _KINDS,
@@ -35,6 +35,7 @@ from rdrop.functional import (
 
 __all__ = [
     "ConsistencyLoss",
+    "NonFiniteLossError",
     "RDropLoss",
     "RDropOutput",
     "TaskLoss",
@@ -147,8 +148,24 @@ def _builtin_task_loss(
     return F.binary_cross_entropy_with_logits(logits.to(dtype), target.to(dtype))
 
 
+class NonFiniteLossError(ValueError):
+    """The R-Drop loss is NaN or infinite (raised when ``check_finite=True``).
+
+    A training loop can catch it to stop a diverged run cleanly::
+
+        >>> import torch, rdrop
+        >>> z = torch.full((2, 3), float("nan"))
+        >>> try:
+        ...     rdrop.rdrop_loss([z, z], torch.tensor([0, 1]))
+        ... except rdrop.NonFiniteLossError as error:
+        ...     print(str(error)[:26])
+        R-Drop loss is not finite:
+    """
+
+
 def _check_finite(out: RDropOutput, passes: Sequence[Tensor]) -> None:
-    """Raise a ValueError naming the non-finite component (one host sync per call)."""
+    """Raise :class:`NonFiniteLossError` naming the non-finite component (one host sync
+    per call)."""
     if bool(torch.isfinite(out.loss)):
         return
     parts = {
@@ -161,7 +178,7 @@ def _check_finite(out: RDropOutput, passes: Sequence[Tensor]) -> None:
         for i, p in enumerate(passes)
         if not bool(torch.isfinite(p).all())
     ]
-    raise ValueError(
+    raise NonFiniteLossError(
         "R-Drop loss is not finite: "
         + (", ".join(bad) or f"loss={float(out.loss)}")
         + (
@@ -414,11 +431,20 @@ def rdrop_loss(
     """
     alpha = check_alpha(alpha)
     kind = _resolve(task, consistency, label_smoothing)
+    if isinstance(passes, Tensor):
+        raise TypeError(
+            "passes must be a list or tuple of tensors, one per dropout pass, got a single "
+            f"Tensor of shape {tuple(passes.shape)}; split a concatenated [2B, ...] output "
+            "with list(output.chunk(2))"
+        )
     passes = list(passes)
     if len(passes) < 2:
         raise ValueError(f"passes must hold at least 2 outputs, got {len(passes)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if task_passes is None:
         task_passes = len(passes)
+    task_passes = check_int("task_passes", task_passes, 1)
     if not 1 <= task_passes <= len(passes):
         raise ValueError(f"task_passes must be in [1, {len(passes)}], got {task_passes}")
     if (
@@ -525,6 +551,8 @@ class RDropLoss(nn.Module):
         self.alpha = check_alpha(alpha)
         self.task = task
         self.consistency: ConsistencyKind = _resolve(task, consistency, label_smoothing)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.check_finite = check_finite

@@ -129,6 +129,12 @@ class RDrop(nn.Module):
         if mode not in ("concat", "sequential"):
             raise ValueError(f"mode must be 'concat' or 'sequential', got {mode!r}")
         if dropout_rates is not None:
+            if isinstance(dropout_rates, (str, bytes)) or not all(
+                isinstance(p, (int, float)) and not isinstance(p, bool) for p in dropout_rates
+            ):
+                raise TypeError(
+                    f"dropout_rates must be a sequence of numbers, got {dropout_rates!r}"
+                )
             rates = tuple(float(p) for p in dropout_rates)
             if mode != "sequential":
                 raise ValueError(
@@ -319,9 +325,16 @@ class RDrop(nn.Module):
                 "is off and the consistency term is ~0; call .train() on the RDrop wrapper "
                 "(it sets the model's mode), not on an inner module",
             )
+        elif self.dropout_rates is not None and not any(self.dropout_rates):
+            self._warn_once(
+                "dropout",
+                f"dropout_rates={self.dropout_rates} are all 0: every pass runs without "
+                "dropout, the passes are identical, the consistency term is 0 and R-Drop "
+                "does nothing; give at least one rate > 0",
+            )
         elif "dropout" not in self._warned and not active_dropout_modules(self.model):
             rates = self.dropout_rates
-            if rates is None or not any(rates):
+            if rates is None:
                 self._warn_once(
                     "dropout",
                     "the model has no active dropout module (nn.Dropout with p > 0): both "

@@ -253,7 +253,12 @@ def _record(method: str, seconds: float, **config: Any) -> dict[str, Any]:
         "run_id": cfg.run_id(),
         "config": cfg.to_dict(),
         "train_seconds": seconds,
+        "clock": "process_cpu",
         "environment": {"torch_threads": torch.get_num_threads()},
+        "task": {"name": "sst2"},
+        "evals": [],
+        "steps": 1,
+        "selections": {"equal_epochs": {}, "equal_time": None},
     }
 
 
@@ -335,7 +340,19 @@ def test_cli_sweep_dry_run_lists_variants(
     assert len(lines) == 24 and len(set(lines)) == 24
     assert "24 run(s); 0 already finished" in captured.err and "24 to run" in captured.err
     (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / f"{lines[3]}.json").write_text(json.dumps({"run_id": lines[3]}))
+    stub = tmp_path / "runs" / f"{lines[3]}.json"
+    stub.write_text(json.dumps({"run_id": lines[3]}))  # no content: not finished
+    assert main(["sweep", config, "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    assert "0 already finished" in capsys.readouterr().err
+    complete = {
+        "run_id": lines[3],
+        "config": {},
+        "task": {},
+        "evals": [],
+        "steps": 1,
+        "selections": {"equal_epochs": {}},
+    }
+    stub.write_text(json.dumps(complete))
     assert main(["sweep", config, "--dry-run", "--results-dir", str(tmp_path)]) == 0
     assert "1 already finished" in capsys.readouterr().err
 

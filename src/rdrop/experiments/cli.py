@@ -287,6 +287,36 @@ def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return _execute(runs, args, argv)
 
 
+def _load_probe_checkpoint(model: Any, path: Path) -> None:
+    """Load ``--checkpoint`` into ``model`` (safetensors only), with an error naming the
+    file for anything that is not a complete, finite checkpoint of this task's model."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    if not path.is_file():
+        raise ConfigError(f"--checkpoint {path}: no such file")
+    try:
+        load_model(model, str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ConfigError(
+            f"--checkpoint {path}: not a readable safetensors file ({error}); give a file "
+            "written by --save-checkpoints"
+        ) from None
+    except RuntimeError as error:  # missing or unexpected keys, wrong shapes
+        first = str(error).strip().splitlines()[0][:300]
+        raise ConfigError(
+            f"--checkpoint {path}: does not fit this task's model ({first}); was it saved "
+            "for another task or model size?"
+        ) from None
+    bad = [name for name, p in model.state_dict().items() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ConfigError(
+            f"--checkpoint {path}: {len(bad)} tensor(s) hold NaN or infinite values "
+            f"(first: {bad[0]}); the run that saved it diverged"
+        )
+
+
 def cmd_probe(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import torch
 
@@ -305,9 +335,7 @@ def cmd_probe(args: argparse.Namespace, argv: Sequence[str]) -> int:
     torch.manual_seed(args.seed)
     model, collate = task.build(dropout=args.dropout, max_length=max_length, data=data)
     if args.checkpoint:
-        from safetensors.torch import load_model
-
-        load_model(model, args.checkpoint)
+        _load_probe_checkpoint(model, Path(args.checkpoint))
     kind = task.consistency_kind
     values = []
     for i in range(args.batches):

@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -153,8 +154,12 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and value < 2:
                 raise ConfigError(f"{key} must be >= 2 or null (all), got {value!r}")
-        if self.alpha is not None and not self.alpha >= 0:
-            raise ConfigError(f"alpha must be >= 0, got {self.alpha!r}")
+        if self.alpha is not None and not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        for key in ("seed", "data_seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+                raise ConfigError(f"{key} must be an integer in [0, 2**32), got {value!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -493,8 +498,11 @@ def parse_suite(
         if key not in _SUITE_KEYS:
             raise ConfigError(f"[suite] unknown key {key!r}; expected {sorted(_SUITE_KEYS)}")
     name = suite.get("name", "suite")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"[suite] name must be a non-empty string, got {name!r}")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(
+            "[suite] name must be a non-empty string of letters, digits, '.', '_' and '-' "
+            f"(it names the default results folder runs/<name>), got {name!r}"
+        )
 
     def str_list(key: str, default: list[Any] | None = None) -> list[Any]:
         value = suite.get(key, default)
@@ -531,16 +539,19 @@ def parse_suite(
         raise ConfigError(f"[suite] methods has repeated entries: {methods}")
     seeds = str_list("seeds")
     for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"[suite] seeds must be integers, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ConfigError(f"[suite] seeds must be integers in [0, 2**32), got {seed!r}")
     alphas = str_list("alphas", ["paper"])
     for alpha in alphas:
         ok = alpha == "paper" or (
-            isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha >= 0
+            isinstance(alpha, (int, float))
+            and not isinstance(alpha, bool)
+            and alpha >= 0
+            and math.isfinite(alpha)
         )
         if not ok:
             raise ConfigError(
-                f"[suite] alphas: each must be a number >= 0 or 'paper', got {alpha!r}"
+                f"[suite] alphas: each must be a finite number >= 0 or 'paper', got {alpha!r}"
             )
     data_seeds = int_list("data_seeds", 0)
     shots = int_list("shots_per_class", 1)
@@ -686,12 +697,42 @@ def _check_method_fields_used(
             )
 
 
+def _strict_yaml_loader(yaml: Any) -> type:
+    """PyYAML's SafeLoader without aliases (nested aliases expand exponentially) and
+    without duplicate keys (which YAML silently resolves to the last value)."""
+
+    class StrictLoader(yaml.SafeLoader):  # type: ignore[misc, name-defined]
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in suite files", event.start_mark
+                )
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a ``.toml``, ``.yaml`` or ``.yml`` file safely (no code execution)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a leading BOM is not TOML
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error})") from None
     if suffix == ".toml":
         try:
             return tomllib.loads(text)
@@ -705,7 +746,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
                 "YAML configs need PyYAML: pip install 'torch-rdrop[experiments]'"
             ) from error
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_strict_yaml_loader(yaml))  # a SafeLoader
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: invalid YAML: {error}") from None
         return loaded if loaded is not None else {}

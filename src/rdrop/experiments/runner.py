@@ -72,6 +72,10 @@ __all__ = [
 
 State = dict[str, torch.Tensor]
 
+#: The clock of ``train_seconds``: the process CPU time of the training steps, which other
+#: processes on the machine do not stretch (wall-clock seconds are recorded beside it).
+TRAINING_CLOCK = "process_cpu"
+
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -114,8 +118,9 @@ def _same_budget(a: dict[str, Any], b: RunConfig) -> bool:
 
 def time_budget_sources(config: RunConfig, store: ResultStore) -> dict[str, float]:
     """The finished plain R-Drop runs (k = 1, m = 2, no stop-gradient, the model's dropout
-    rate) with the same data and epoch budget, measured with the same number of torch
-    threads as this process uses: ``{run_id: train_seconds}``."""
+    rate) with the same data and epoch budget, measured on the same clock
+    (:data:`TRAINING_CLOCK`) with the same number of torch threads as this process uses:
+    ``{run_id: train_seconds}``."""
     threads = torch.get_num_threads()
     return {
         str(record.get("run_id")): float(record["train_seconds"])
@@ -123,6 +128,7 @@ def time_budget_sources(config: RunConfig, store: ResultStore) -> dict[str, floa
         if is_plain_rdrop(record.get("config", {}))
         and _same_budget(record.get("config", {}), config)
         and record.get("environment", {}).get("torch_threads") == threads
+        and record.get("clock", "wall") == TRAINING_CLOCK
     }
 
 
@@ -418,7 +424,11 @@ def train_run(
         inputs, target = collate([data.train[i] for i in batch_indices])
         tick_cpu, tick_wall = time.process_time(), time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        out = train_step(inputs, target)  # forward and backward (FGM: two of each)
+        try:
+            out = train_step(inputs, target)  # forward and backward (FGM: two of each)
+        except rdrop.NonFiniteLossError:
+            state.diverged_at = state.step + 1
+            break
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
@@ -499,7 +509,7 @@ def train_run(
         "max_steps": max_steps,
         "epochs_run": step / steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,
-        "clock": "process_cpu",
+        "clock": TRAINING_CLOCK,
         "train_seconds": state.train_seconds,
         "train_wall_seconds": state.train_wall_seconds,
         "seconds_per_step": state.train_seconds / max(step, 1),

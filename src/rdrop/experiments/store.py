@@ -10,6 +10,7 @@ every run whose record exists.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -18,7 +19,48 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultStore", "environment"]
+__all__ = ["ResultStore", "environment", "finite_json", "is_complete_record"]
+
+#: A finished record holds at least these keys, with these types.
+_RECORD_KEYS: dict[str, type | tuple[type, ...]] = {
+    "run_id": str,
+    "config": dict,
+    "task": dict,
+    "evals": list,
+    "steps": int,
+    "selections": dict,
+}
+
+
+def is_complete_record(record: Any, run_id: str | None = None) -> bool:
+    """Whether ``record`` is a finished run's record (of ``run_id``, when given): a run is
+    skipped as finished only then, so a truncated or hand-made file never blocks it."""
+    if not isinstance(record, dict):
+        return False
+    if run_id is not None and record.get("run_id") != run_id:
+        return False
+    if not all(isinstance(record.get(k), t) for k, t in _RECORD_KEYS.items()):
+        return False
+    selections = record["selections"]
+    return record.get("diverged") is True or isinstance(selections.get("equal_epochs"), dict)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (standard JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def _file_mode() -> int:
+    """The mode a new file gets under the process umask (records are not private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 class ResultStore:
@@ -43,7 +85,7 @@ class ResultStore:
         except (OSError, json.JSONDecodeError) as error:
             warnings.warn(f"ignoring unreadable run record {path}: {error}", stacklevel=2)
             return None
-        return record if isinstance(record, dict) and record.get("run_id") == run_id else None
+        return record if is_complete_record(record, run_id) else None
 
     def records(self) -> list[dict[str, Any]]:
         """Every readable finished record (partial ``.tmp`` files are never read)."""
@@ -79,10 +121,11 @@ class ResultStore:
         handle, temp_name = tempfile.mkstemp(prefix=f".{run_id}.", suffix=".tmp", dir=self.runs_dir)
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(record, stream, indent=1, sort_keys=True, allow_nan=True)
+                json.dump(finite_json(record), stream, indent=1, sort_keys=True, allow_nan=False)
                 stream.write("\n")
                 stream.flush()
                 os.fsync(stream.fileno())
+            os.chmod(temp_name, _file_mode())
             os.replace(temp_name, final)
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)

@@ -64,8 +64,9 @@ def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
 
     Args:
         results_dir: folder holding ``runs/*.json`` (see :func:`load_records`).
-        out_dir: where to write; defaults to ``results_dir``. Plots go to ``out_dir/plots``
-            and are linked from the report with relative paths.
+        out_dir: the folder to write ``REPORT.md`` to (default ``results_dir``), or a file
+            name ending in ``.md`` for the report itself. Plots go to ``plots/`` beside the
+            report and are linked from it with relative paths.
 
     Returns:
         The path of the written ``REPORT.md``.
@@ -75,6 +76,9 @@ def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
     """
     results_dir = Path(results_dir)
     out_dir = results_dir if out_dir is None else Path(out_dir)
+    report = out_dir / "REPORT.md"
+    if out_dir.suffix.lower() == ".md":  # a file name: the report itself, plots beside it
+        report, out_dir = out_dir, out_dir.parent
     records = load_records(results_dir)
     tasks = group_tasks(records)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +98,6 @@ def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
         for task in tasks:
             lines += [""]
             lines += task_section(task, task_plots(task, colors, plots_dir))
-    report = out_dir / "REPORT.md"
     temporary = report.with_name(report.name + ".tmp")
     temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
     temporary.replace(report)

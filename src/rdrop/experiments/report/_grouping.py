@@ -254,9 +254,20 @@ def group_tasks(records: Sequence[Record]) -> list[TaskRuns]:
         ]
         info = dict(task_records[0]["task"])
         task = TaskRuns(name=name, info=info, groups=groups, shots=shots)
-        task.notes = _consistency_notes(task)
+        task.notes = _diverged_notes(task) + _consistency_notes(task)
         tasks.append(task)
     return tasks
+
+
+def _diverged_notes(task: TaskRuns) -> list[str]:
+    """One line per diverged run: it has no score, and no table counts it."""
+    return [
+        f"**Diverged:** {group.label} seed {seed_of(record)} (non-finite loss at step "
+        f"{record.get('diverged_at_step')}); shown as diverged, never as a score."
+        for group in task.groups
+        for record in group.records
+        if record.get("diverged")
+    ]
 
 
 def _consistency_notes(task: TaskRuns) -> list[str]:

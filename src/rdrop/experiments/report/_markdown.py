@@ -110,6 +110,9 @@ def _wtl(diff: PairedDifference, higher_is_better: bool) -> str:
 
 def _mean_std_cell(group: MethodRuns, budget: str, split: str, metric: str, digits: int) -> str:
     mean, std, n = group.stat(budget, split, metric)
+    diverged = sum(1 for r in group.records if r.get("diverged"))
+    if diverged and n == 0:
+        return f"diverged ({diverged} run{'s' if diverged > 1 else ''})"
     if n == 1:  # no spread to report: a single run's std is not 0, it is unknown
         return f"{mean:.{digits}f} (1 run)"
     return format_mean_std(mean, std, digits)

@@ -27,11 +27,29 @@ __all__ = ["GlueTask", "GLUE_TASKS", "load_minilm"]
 Row = list[str]
 
 
+#: The longest field a TSV row may hold (characters): far above any real sentence pair,
+#: low enough that a corrupt file is refused instead of filling memory.
+MAX_FIELD_CHARACTERS = 1 << 20
+
+
+def _rows(handle: Any) -> Any:
+    previous = csv.field_size_limit(MAX_FIELD_CHARACTERS)
+    try:
+        yield from csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    finally:
+        csv.field_size_limit(previous)
+
+
 def _read_tsv(path: Path, header: bool) -> list[tuple[int, Row]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            rows = list(_rows(handle))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error}); corrupt file?") from None
+    except csv.Error as error:
+        raise DataError(f"{path}: unreadable TSV ({error}); corrupt file?") from None
     numbered = [(i + 1, row) for i, row in enumerate(rows) if row]
     if header:
         numbered = numbered[1:]
