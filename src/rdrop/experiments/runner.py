@@ -702,7 +702,10 @@ def _save_checkpoint(model: nn.Module, path: Path) -> None:
 
 def _order(runs: Sequence[RunConfig]) -> list[RunConfig]:
     """Plain R-Drop runs of a task before the other methods (they set the equal-time
-    budget)."""
+    budget). Runs trained to convergence need no budget: they keep the suite's order
+    (seed by seed), so every finished seed pairs up."""
+    if all(r.converges for r in runs):
+        return list(runs)
     tasks = list(dict.fromkeys(r.task for r in runs))
     ordered: list[RunConfig] = []
     for task in tasks:

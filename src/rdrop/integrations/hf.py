@@ -81,7 +81,54 @@ def _dropout_settings(model: nn.Module) -> tuple[list[str], dict[str, float]]:
         for key, value in items.items():
             if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
                 settings[key] = float(value)
+    # PEFT adapters keep their dropout in their own config (LoraConfig.lora_dropout).
+    for adapter in (getattr(model, "peft_config", None) or {}).values():
+        value = getattr(adapter, "lora_dropout", None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            settings["lora_dropout"] = max(settings.get("lora_dropout", 0.0), float(value))
     return modules, settings
+
+
+#: The config key that sets a model family's main dropout, in order of preference.
+_MAIN_DROPOUT_KEYS = (
+    "lora_dropout",
+    "hidden_dropout_prob",
+    "dropout",
+    "dropout_rate",
+    "resid_pdrop",
+    "hidden_dropout",
+    "attention_dropout",
+)
+
+
+def _dropout_hint(settings: dict[str, float]) -> str:
+    """How to enable dropout for this model: the setting its own config uses."""
+    key = next((k for k in _MAIN_DROPOUT_KEYS if k in settings), next(iter(settings), None))
+    if key == "lora_dropout":
+        return "set LoraConfig(lora_dropout=0.1) (or enable the base model's dropout)"
+    if key is not None:
+        return f"e.g. from_pretrained(..., {key}=0.1)"
+    return "add dropout to the model (nn.Dropout with p > 0)"
+
+
+def _add_decoder_inputs(model: nn.Module, features: dict[str, Any], labels: Any) -> None:
+    """For an encoder-decoder model, build ``decoder_input_ids`` from the labels as the
+    model itself does when it gets ``labels`` (``prepare_decoder_input_ids_from_labels``),
+    unless the collator already did: R-Drop removes ``labels`` before the forward, and
+    without decoder inputs the model would decode from the *source* ids."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or not isinstance(labels, Tensor):
+        return
+    if "decoder_input_ids" in features or "decoder_inputs_embeds" in features:
+        return
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None:
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model without "
+            "prepare_decoder_input_ids_from_labels: give decoder_input_ids in the batch "
+            "(e.g. DataCollatorForSeq2Seq(tokenizer, model=model))"
+        )
+    features["decoder_input_ids"] = prepare(labels=labels)
 
 
 class RDropTrainerMixin:
@@ -249,7 +296,7 @@ class RDropTrainerMixin:
         warnings.warn(
             f"R-Drop cannot work: {where}, so the {self.rdrop_num_passes} passes are identical, "
             "the consistency term is 0 and training is a plain (costlier) fine-tune. Enable "
-            "dropout, e.g. from_pretrained(..., hidden_dropout_prob=0.1) for BERT-like models",
+            f"dropout: {_dropout_hint(settings)}",
             RDropWarning,
             stacklevel=3,
         )
@@ -285,6 +332,7 @@ class RDropTrainerMixin:
         labels = features.pop(label_name, None)
         shift_labels = features.pop("shift_labels", None)
         unwrapped = trainer.accelerator.unwrap_model(model)
+        _add_decoder_inputs(unwrapped, features, labels)
 
         if not model.training:
             if labels is None and shift_labels is None:
