@@ -481,3 +481,31 @@ def test_two_process_ddp_step_equals_single_process(tmp_path: Path) -> None:
         torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
     logs = [h for h in result["logs"] if "loss" in h]
     assert logs and {"task_loss", "consistency_loss"} <= logs[0].keys()
+
+
+def test_packed_padding_free_batches_are_refused_by_name(tmp_path: Path) -> None:
+    from transformers import DataCollatorWithFlattening
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    )
+    trainer = RDropTrainer(model=model, args=_args(tmp_path), alpha=1.0)
+    rows = [
+        {"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]},
+        {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+    ]
+    packed = DataCollatorWithFlattening()(rows)
+    model.train()
+    with pytest.raises(ValueError, match=r"packed \(padding-free\) batches.*padding_free=False"):
+        trainer.compute_loss(model, packed)
+    flash = {**packed, "cu_seq_lens_q": torch.tensor([0, 4, 7])}
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        trainer.compute_loss(model, flash)
+    padded = {
+        "input_ids": torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        "position_ids": torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]]),
+        "labels": torch.tensor([[1, 2, 3, 4], [5, 6, 7, -100]]),
+    }
+    assert torch.isfinite(trainer.compute_loss(model, padded))  # ordinary rows still work

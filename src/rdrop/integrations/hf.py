@@ -111,6 +111,34 @@ def _dropout_hint(settings: dict[str, float]) -> str:
     return "add dropout to the model (nn.Dropout with p > 0)"
 
 
+#: Keys of padding-free (packed) batches: sequence boundaries that a doubled batch would
+#: not double.
+_PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _refuse_packed_batches(features: Mapping[str, Any]) -> None:
+    """Raise for padding-free (packed) batches: R-Drop's forward on ``[x; x]`` copies the
+    batch dimension, but a packed batch is one row of concatenated sequences whose
+    boundaries (``position_ids`` resets, ``cu_seq_lens_*``) would then be wrong."""
+    packed = [key for key in _PACKED_KEYS if key in features]
+    positions = features.get("position_ids")
+    if (
+        not packed
+        and isinstance(positions, Tensor)
+        and positions.ndim == 2
+        and positions.shape[-1] > 1
+        and bool((positions[:, 1:] < positions[:, :-1]).any())
+    ):
+        packed = ["position_ids (resets inside a row)"]
+    if packed:
+        raise ValueError(
+            f"R-Drop does not support packed (padding-free) batches, found {', '.join(packed)}: "
+            "one forward on [x; x] would not double the sequence boundaries. Use padded "
+            "batches: TRL SFTConfig(padding_free=False, packing=False), or a padding "
+            "collator instead of DataCollatorWithFlattening"
+        )
+
+
 def _add_decoder_inputs(model: nn.Module, features: dict[str, Any], labels: Any) -> None:
     """For an encoder-decoder model, build ``decoder_input_ids`` from the labels as the
     model itself does when it gets ``labels`` (``prepare_decoder_input_ids_from_labels``),
@@ -366,6 +394,7 @@ class RDropTrainerMixin:
                 "a 'label'/'labels' column and TrainingArguments.label_names"
             )
         self._rdrop_check_setup(unwrapped)
+        _refuse_packed_batches(features)
         raw_target = labels if labels is not None else shift_labels
         assert raw_target is not None
         if not isinstance(raw_target, Tensor) or raw_target.ndim == 0:
