@@ -124,10 +124,11 @@ def _mean_extra(
     return statistics.fmean(diffs) if diffs else None
 
 
-def _interval_cells(diff: PairedDifference | None, digits: int) -> list[str]:
+def _interval_cells(diff: PairedDifference | None, digits: int, higher: bool) -> list[str]:
+    """Δ, its t-interval and wins/ties/losses of the treatment (a win is *better*)."""
     if diff is None:
         return ["—", "—", "—"]
-    wins, losses = diff.wins, diff.losses
+    wins, losses = (diff.wins, diff.losses) if higher else (diff.losses, diff.wins)
     return [
         format_signed(diff.mean, digits),
         format_interval(diff.t_low, diff.t_high, digits),
@@ -167,9 +168,9 @@ def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
         rows = []
         for name, seconds in time_budgets(treatment, control, metric, higher):
             diff = paired_at_budget(treatment, control, seconds, metric, higher)
-            rows.append([name, _format_seconds(seconds), *_interval_cells(diff, digits)])
+            rows.append([name, _format_seconds(seconds), *_interval_cells(diff, digits, higher)])
         converged = paired_at_budget(treatment, control, math.inf, metric, higher)
-        rows.append(["converged vs converged", "—", *_interval_cells(converged, digits)])
+        rows.append(["converged vs converged", "—", *_interval_cells(converged, digits, higher)])
         crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
         threads = sorted(
             {str(r.get("environment", {}).get("torch_threads", "?")) for r in treatment + control}

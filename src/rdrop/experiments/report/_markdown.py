@@ -311,6 +311,7 @@ def _task_summary_lines(task: TaskRuns) -> list[str]:
         _main_table(task),
         "",
         verdict_line(task),
+        *(convergence_lines(task, _digits(task, task.primary)) if converging(task) else []),
     ]
 
 
@@ -324,7 +325,8 @@ def summary_table(records: Sequence[Record]) -> str:
         Per task: a heading, the table (test primary metric mean ± std at equal epochs and at
         equal wall-clock time, paired difference vs the baseline with its 95% t- and bootstrap
         intervals and wins/ties/losses, validation metric at selection, seconds per step) and
-        the verdict line.
+        the verdict line; for runs trained to convergence also which runs converged and the
+        time-to-quality table.
     """
     tasks = group_tasks(records)
     if not tasks:
