@@ -509,3 +509,19 @@ def test_packed_padding_free_batches_are_refused_by_name(tmp_path: Path) -> None
         "labels": torch.tensor([[1, 2, 3, 4], [5, 6, 7, -100]]),
     }
     assert torch.isfinite(trainer.compute_loss(model, padded))  # ordinary rows still work
+
+
+def test_several_label_tensors_get_an_error_naming_label_names(tmp_path: Path) -> None:
+    from transformers import BertForQuestionAnswering
+
+    model = _tiny_bert(BertForQuestionAnswering, num_labels=2)
+    trainer = RDropTrainer(model=model, args=_args(tmp_path), alpha=1.0)
+    assert trainer.label_names == ["start_positions", "end_positions"]
+    batch = {
+        "input_ids": torch.randint(0, VOCAB, (2, SEQ)),
+        "start_positions": torch.tensor([1, 2]),
+        "end_positions": torch.tensor([3, 4]),
+    }
+    model.train()
+    with pytest.raises(ValueError, match=r"label_names=\['start_positions', 'end_positions'\]"):
+        trainer.compute_loss(model, batch)

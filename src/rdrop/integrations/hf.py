@@ -262,8 +262,11 @@ class RDropTrainerMixin:
         names = list(getattr(self, "label_names", None) or ["labels"])
         if len(names) != 1:
             raise ValueError(
-                f"R-Drop needs one label tensor per batch, but label_names={names}; set "
-                "TrainingArguments(label_names=[...]) to the single label key"
+                f"R-Drop needs one label tensor per batch, but label_names={names}. For a "
+                "model with one head, set TrainingArguments(label_names=[...]) to its label "
+                "key; several heads (extractive QA start/end positions, multi-task models) "
+                "are not supported by this mixin: apply rdrop.rdrop_loss to each head's "
+                "passes in your own compute_loss"
             )
         return names[0]
 
