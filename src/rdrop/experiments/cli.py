@@ -299,6 +299,18 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_verdict(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from rdrop.experiments.report import converged_verdict_table, load_records
+
+    records = []
+    for folder in args.results_dirs:
+        if not (Path(folder) / "runs").is_dir():
+            raise ConfigError(f"{folder} holds no runs/ folder")
+        records += load_records(folder)
+    print(converged_verdict_table(records))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     runs = _demo_runs(args.seeds, args.quick, args.minilm)
     if args.results_dir is None:
@@ -538,6 +550,13 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("results_dir")
     report.add_argument("--out", default=None)
     report.set_defaults(handler=cmd_report)
+
+    verdict = sub.add_parser(
+        "verdict",
+        help="one row per task trained to convergence: converged Δ, crossing time, cost",
+    )
+    verdict.add_argument("results_dirs", nargs="+")
+    verdict.set_defaults(handler=cmd_verdict)
 
     probe = sub.add_parser(
         "probe", help="symmetric KL between two dropout passes of a task's model"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rdrop.experiments.report._convergence import verdict_table
 from rdrop.experiments.report._grouping import (
     VERDICT_BASELINE_BETTER,
     VERDICT_NO_DIFFERENCE,
@@ -47,6 +48,7 @@ from rdrop.experiments.report._records import BUDGETS, ReportWarning, load_recor
 
 __all__ = [
     "BUDGETS",
+    "converged_verdict_table",
     "ReportWarning",
     "VERDICT_BASELINE_BETTER",
     "VERDICT_NO_DIFFERENCE",
@@ -57,6 +59,12 @@ __all__ = [
     "verdict",
     "write_report",
 ]
+
+
+def converged_verdict_table(records: list[dict]) -> str:
+    """The verdict table of the runs trained to convergence among ``records`` (Markdown):
+    per task, converged Δ with its 95% t-interval, the crossing time and the step cost."""
+    return verdict_table(group_tasks(records))
 
 
 def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:

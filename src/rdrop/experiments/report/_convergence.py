@@ -32,6 +32,7 @@ from rdrop.experiments.time_to_quality import (
 )
 
 __all__ = [
+    "verdict_table",
     "converged_marks",
     "converging",
     "convergence_lines",
@@ -247,3 +248,51 @@ def plot_best_so_far(task: TaskRuns, colors: dict[str, str], path: Path) -> bool
     axes.legend(fontsize="small")
     _save(figure, path)
     return True
+
+
+def verdict_table(tasks: Sequence[TaskRuns], digits: int = 4) -> str:
+    """One row per converging task: the chosen R-Drop row against the baseline, converged
+    vs converged (Δ of the test metric with its 95% t-interval), the crossing time and the
+    cost of an R-Drop step in baseline steps."""
+    header = [
+        "task",
+        "runs (converged)",
+        "R-Drop row",
+        "converged Δ test [95% t-interval]",
+        "W/T/L",
+        "crossing time",
+        "step cost",
+    ]
+    rows = []
+    for task in tasks:
+        if not converging(task):
+            continue
+        chosen, base = task.chosen_rdrop(), task.baseline
+        done, total, _ = converged_marks(task)
+        if chosen is None or base is None:
+            continue
+        group, reason = chosen
+        treatment, control = _usable(group), _usable(base)
+        metric, higher = task.primary, task.higher_is_better
+        diff = paired_at_budget(treatment, control, math.inf, metric, higher)
+        delta, interval, wtl = _interval_cells(diff, digits, higher)
+        crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
+        if crossing.seconds is None:
+            crossed = "never"
+        else:
+            crossed = _format_seconds(crossing.seconds)
+            if crossing.control_epochs is not None:
+                crossed += f" ({crossing.control_epochs:.1f} baseline epochs)"
+        cost = group.seconds_per_step() / base.seconds_per_step()
+        rows.append(
+            [
+                f"{task.title} ({metric})",
+                f"{total} ({done})",
+                f"{group.label} ({reason})",
+                f"{delta} {interval}",
+                wtl,
+                crossed,
+                f"{cost:.2f}×",
+            ]
+        )
+    return _table(header, rows) if rows else "No runs trained to convergence."

@@ -222,8 +222,10 @@ class TaskRuns:
                 if group.alpha is not None and math.isclose(group.alpha, paper, rel_tol=1e-9):
                     return group, "the paper's α"
         scored = []
+        converged = any(r.get("config", {}).get("patience") is not None for r in self.records)
+        budget = "converged" if converged else "equal_epochs"
         for group in candidates:
-            mean, _, n = group.stat("equal_epochs", "validation", self.primary)
+            mean, _, n = group.stat(budget, "validation", self.primary)
             if n:
                 scored.append((mean if self.higher_is_better else -mean, group))
         if not scored:
