@@ -148,6 +148,6 @@ def test_verdict_table_row_by_hand(tmp_path: Path) -> None:
     from rdrop.experiments.report import converged_verdict_table
 
     table = converged_verdict_table(BASE + RDROP)
-    row = [line for line in table.splitlines() if line.startswith("| sst2")][0]
+    row = next(line for line in table.splitlines() if line.startswith("| sst2"))
     assert "| 4 (3) |" in row and "+0.0650 [-0.1256, +0.2556]" in row and "| 2/0/0 |" in row
     assert "60 s (6.0 baseline epochs)" in row and "1.00×" in row
