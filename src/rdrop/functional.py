@@ -1,9 +1,11 @@
 """Pure tensor functions: the consistency terms of R-Drop.
 
 Every function here takes the outputs of two (or more) dropout passes and returns their
-disagreement. They are pure (no state, no ``.item()``, no host synchronisation), compute in
-float32 or wider whatever the input dtype, and share one convention for masks and
-reductions:
+disagreement. They are pure (no state) and compute in float32 or wider whatever the input
+dtype. The plain-autograd paths never synchronise with the host; the chunked kernel
+(``implementation="chunked"``, the default from 2**18 logits) reads a few flags back per
+call (rows that are ``-inf`` throughout, the masked rows it skips, NaN repairs), which is
+a host synchronisation on a GPU. They share one convention for masks and reductions:
 
 * the **item shape** is the output shape without its last (class) dimension, so ``[B, C]``
   classification logits have items ``[B]`` and ``[B, T, V]`` token logits have items
