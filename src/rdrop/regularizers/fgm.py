@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -171,12 +172,19 @@ def fgm_step(
     fgm: FGM,
     clean_loss: Callable[[], Tensor],
     adversarial_loss: Callable[[], Tensor] | None = None,
+    *,
+    backward: Callable[[Tensor], Any] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The two backward passes of an FGM step; the caller zeroes grads before and steps after.
 
-    Runs ``clean_loss().backward()``, then, with the embeddings perturbed
-    (:meth:`FGM.perturbed`), ``adversarial_loss().backward()`` (default: ``clean_loss``
-    again), so the gradients of both losses add up in ``.grad``.
+    Runs ``backward(clean_loss())``, then, with the embeddings perturbed
+    (:meth:`FGM.perturbed`), ``backward(adversarial_loss())`` (default: ``clean_loss``
+    again), so the gradients of both losses add up in ``.grad``. ``backward`` is the
+    training loop's own: ``Tensor.backward`` by default, Lightning's
+    ``self.manual_backward``, ``accelerator.backward``, or
+    ``lambda loss: scaler.scale(loss).backward()`` with a ``GradScaler``. FGM's attack
+    reads the embedding gradient, so with a scaler it is the scaled gradient; FGM
+    normalises it, so the scale cancels.
 
     **With R-Drop** the rule used in this library: the clean loss is the R-Drop loss on
     the doubled batch (``lambda: wrapped(x, target=y).loss``) and the adversarial loss is
@@ -208,15 +216,19 @@ def fgm_step(
         fgm: the :class:`FGM` attacker.
         clean_loss: computes the clean loss (a scalar tensor).
         adversarial_loss: computes the loss on the perturbed embeddings.
+        backward: runs the backward pass of a loss (default ``loss.backward()``).
 
     Returns:
         ``(clean loss, adversarial loss)``, detached.
     """
     if not isinstance(fgm, FGM):
         raise TypeError(f"fgm must be an rdrop.FGM, got {type(fgm).__name__}")
+    if backward is not None and not callable(backward):
+        raise TypeError(f"backward must be callable (loss -> None), got {backward!r}")
+    run_backward = backward if backward is not None else Tensor.backward
     clean = clean_loss()
-    clean.backward()
+    run_backward(clean)
     with fgm.perturbed():
         adversarial = (adversarial_loss or clean_loss)()
-        adversarial.backward()
+        run_backward(adversarial)
     return clean.detach(), adversarial.detach()
