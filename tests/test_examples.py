@@ -27,7 +27,8 @@ def test_digits_example_trains_both_and_prints_the_comparison() -> None:
 def test_import_rdrop_does_not_import_heavy_frameworks() -> None:
     code = (
         "import sys, rdrop; heavy = [m for m in ('transformers', 'lightning', 'matplotlib', "
-        "'accelerate', 'pytorch_lightning') if m in sys.modules]; print(heavy)"
+        "'accelerate', 'pytorch_lightning', 'trl', 'peft', 'datasets') if m in sys.modules]; "
+        "print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
