@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from rdrop.experiments.config import ConfigError, RunConfig
 from rdrop.experiments.resume import ResumeError, load_resume_state, resume_path, save_resume_state
 from rdrop.experiments.runner import train_run
 from rdrop.experiments.store import ResultStore
+from tests.experiments._records import comparable
 from tests.experiments._toy import ToyTask, examples
 
 
@@ -113,21 +113,6 @@ class Killed(Exception):
     pass
 
 
-def _strip_times(record: dict[str, Any]) -> dict[str, Any]:
-    """What an interrupted run must reproduce: everything but clocks, dates and resumes."""
-    skip = {"train_seconds", "train_wall_seconds", "wall_seconds", "seconds_per_step"}
-    skip |= {"started_at", "finished_at", "resumes", "environment"}
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items() if k not in skip}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    return clean(record)
-
-
 @pytest.mark.parametrize("method", ["baseline", "rdrop", "mixup"])
 @pytest.mark.parametrize("kill_at", [1, 5, 9])
 def test_a_run_killed_at_any_step_resumes_to_the_same_record(
@@ -160,7 +145,7 @@ def test_a_run_killed_at_any_step_resumes_to_the_same_record(
     resumed = train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
     assert not resume.exists()  # deleted once the record is written
     assert resumed["resumes"][0]["step"] == kill_at
-    assert _strip_times(resumed) == _strip_times(whole)
+    assert comparable(resumed, None) == comparable(whole, None)
     # Training time excludes the time the run was down and the repeated work.
     first = whole["evals"][0]["train_seconds"]
     assert math.isfinite(first)

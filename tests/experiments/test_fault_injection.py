@@ -18,6 +18,7 @@ import pytest
 
 from rdrop.experiments.tasks import DataError, default_data_dir
 from rdrop.experiments.tasks.images import FILES, find_fashion_mnist
+from tests.experiments._records import comparable
 
 try:
     DATA = default_data_dir()
@@ -50,23 +51,9 @@ evals_per_epoch = 2
 probe_size = 8
 """
 
-_CLOCKS = {"train_seconds", "train_wall_seconds", "wall_seconds", "seconds_per_step"}
-_CLOCKS |= {"started_at", "finished_at", "resumes", "command", "environment"}
-_CLOCKS |= {"time_budget_seconds", "time_budget_sources", "time_budget_reached"}
-
-
-def _comparable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _comparable(v) for k, v in value.items() if k not in _CLOCKS}
-    if isinstance(value, list):
-        return [_comparable(v) for v in value]
-    if isinstance(value, float):
-        return round(value, 5)
-    return value
-
 
 def _records(results: Path) -> dict[str, Any]:
-    return {p.name: _comparable(json.loads(p.read_text())) for p in (results / "runs").glob("*")}
+    return {p.name: comparable(json.loads(p.read_text())) for p in (results / "runs").glob("*")}
 
 
 def test_sigkill_at_random_moments_leaves_the_uninterrupted_results(tmp_path: Path) -> None:
@@ -82,25 +69,38 @@ def test_sigkill_at_random_moments_leaves_the_uninterrupted_results(tmp_path: Pa
         ]  # fmt: skip
 
     whole = tmp_path / "whole"
-    started = time.monotonic()
     subprocess.run(command(whole), env=env, capture_output=True, timeout=600, check=True)
-    duration = time.monotonic() - started
 
     killed = tmp_path / "killed"
+    resume = tmp_path / "resume"
+
+    def progressed(since: float) -> bool:
+        """A checkpoint or a record written after ``since``: the sweep moved on."""
+        for path in [*resume.rglob("*.safetensors"), *(killed / "runs").glob("*.json")]:
+            try:
+                if path.stat().st_mtime > since:
+                    return True
+            except FileNotFoundError:  # a checkpoint deleted as its record landed
+                continue
+        return False
+
     rng = random.Random(0)
     kills = 0
     for _ in range(4):
+        started = time.time()
         process = subprocess.Popen(
             command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
-        time.sleep(rng.uniform(0.15, 0.35) * duration)
+        while process.poll() is None and not progressed(started):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))  # inside a run, or between two
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             kills += 1
         process.wait()
     subprocess.run(command(killed), env=env, capture_output=True, timeout=600, check=True)
-    assert kills >= 2, "the sweep finished before it could be killed"
+    assert kills >= 3, "the sweep finished before it could be killed"
     assert _records(killed) == _records(whole)
     assert len(_records(whole)) == 4
-    assert not list((tmp_path / "resume").rglob("*.safetensors"))
+    assert not list(resume.rglob("*.safetensors"))

@@ -20,6 +20,7 @@ from rdrop.experiments.config import RunConfig
 from rdrop.experiments.runner import run_suite
 from rdrop.experiments.store import ResultStore
 from rdrop.experiments.tasks import DataError, default_data_dir
+from tests.experiments._records import comparable
 
 try:
     DATA = default_data_dir()
@@ -244,22 +245,6 @@ def _converging_run_command(results: Path) -> list[str]:
     ]
 
 
-def _comparable(record: dict) -> dict:
-    skip = {"train_seconds", "train_wall_seconds", "wall_seconds", "seconds_per_step"}
-    skip |= {"started_at", "finished_at", "resumes", "command", "environment"}
-
-    def clean(value):  # type: ignore[no-untyped-def]
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items() if k not in skip}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        if isinstance(value, float):
-            return round(value, 5)
-        return value
-
-    return clean(record)
-
-
 def test_sigkilled_run_resumes_to_the_record_of_an_uninterrupted_run(tmp_path: Path) -> None:
     """A real ``rdrop run`` subprocess killed with SIGKILL mid-training, then the same
     command again: it resumes and writes the record the uninterrupted run writes."""
@@ -287,5 +272,5 @@ def test_sigkilled_run_resumes_to_the_record_of_an_uninterrupted_run(tmp_path: P
     assert "resuming sst2__rdrop" in resumed.stderr
     [record] = [json.loads(p.read_text()) for p in (killed_dir / "runs").glob("*.json")]
     assert record["resumes"] and record["resumes"][0]["step"] >= 1
-    assert _comparable(record) == _comparable(whole)
+    assert comparable(record) == comparable(whole)
     assert not list((tmp_path / "resume").rglob("*.safetensors"))  # deleted with the record

@@ -10,6 +10,7 @@ micro-batches of 4, or on one of two DDP ranks, and gradients must agree to roun
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -67,3 +68,10 @@ class TinyNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a gloo rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
