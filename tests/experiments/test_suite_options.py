@@ -426,3 +426,16 @@ def test_cli_demo_keeps_quick_runs_apart_from_full_ones(
     assert seen["folder"] == folder
     quick = cli._demo_runs((0,), quick=True)[0].train_size
     assert (seen["train_size"] == quick) == ("--quick" in argv)
+
+
+def test_demo_runs_use_the_tasks_own_defaults() -> None:
+    import rdrop.experiments.cli as cli
+    from rdrop.experiments.tasks import get_task
+
+    lm = cli._demo_runs((0,), quick=False)[0]
+    defaults = get_task("shakespeare").run_defaults
+    assert lm.lr == defaults["lr"] and lm.weight_decay == defaults["weight_decay"]
+    assert lm.train_size == 300 and lm.max_length == 64 and lm.patience == 8
+    # The MiniLM demo keeps the run ids of its committed records.
+    committed = {p.stem for p in (ROOT / "results" / "demo" / "runs").glob("*.json")}
+    assert {r.run_id() for r in cli._demo_runs((0, 1, 2), quick=False, minilm=True)} <= committed

@@ -70,6 +70,9 @@ def _demo_runs(seeds: Sequence[int], quick: bool, minilm: bool = False) -> list[
     else:
         task, alpha = "shakespeare", 1.0
         settings = _DEMO_LM_QUICK if quick else _DEMO_LM
+    # The task's own defaults (learning rate, weight decay, ...) under the demo's settings,
+    # as for `rdrop run` and suite files.
+    settings = {**get_task(task).run_defaults, **settings}
     runs = []
     for seed in seeds:
         runs.append(RunConfig(task, "rdrop", alpha=alpha, seed=seed, paper_alpha=1.0, **settings))
