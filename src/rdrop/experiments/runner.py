@@ -25,6 +25,17 @@ Protocol (the same for every method):
    equal-time selection only looks at the evaluations made before the budget ran out. The
    budget comes from plain R-Drop runs only (k = 1, m = 2, no stop-gradient, one rate).
 5. The test split is scored once per selected checkpoint. It is never used for selection.
+6. Trained to convergence (``patience`` set): the run trains up to ``max_epochs`` and stops
+   once ``patience`` scheduled evaluations in a row brought no new best validation score
+   (never before ``min_steps``); it is *converged* only if it stopped that way. Every
+   checkpoint that is the best so far is scored on test when it is reached, so that the
+   report can tell, for any training-time budget, the test score of the model each method
+   would have selected on validation by then (:mod:`rdrop.experiments.time_to_quality`).
+   Selections: ``converged`` (best of the whole run) and ``equal_epochs`` (best within
+   ``epochs``); the equal-time budget of step 4 does not apply.
+
+Training seconds are the process CPU time of the training steps (:data:`TRAINING_CLOCK`);
+a run in progress writes a resumable checkpoint (:mod:`rdrop.experiments.resume`).
 """
 
 from __future__ import annotations
