@@ -86,7 +86,7 @@ def test_padding_invariance(implementation: str) -> None:
 
 def test_padding_invariance_through_a_seq2seq_model() -> None:
     """A real encoder–decoder: extra source and target padding leaves the loss unchanged."""
-    from rdrop.experiments.models import Seq2SeqTransformer
+    from rdrop_lab.models import Seq2SeqTransformer
 
     torch.manual_seed(0)
     model = Seq2SeqTransformer(30, d_model=16, nhead=2, num_layers=1, dim_feedforward=32).eval()

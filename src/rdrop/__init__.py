@@ -12,6 +12,7 @@ The core (this package's top level) needs torch alone; integrations live in
 ``rdrop.integrations`` and are imported explicitly.
 """
 
+from rdrop._batch import extract_logits
 from rdrop._dropout import dropout_rate
 from rdrop.functional import (
     consistency,
@@ -67,6 +68,7 @@ __all__ = [
     # wrapper
     "RDrop",
     "RDropWarning",
+    "extract_logits",
     "LinearWarmup",
     "linear_warmup",
     "dropout_rate",

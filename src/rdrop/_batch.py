@@ -72,12 +72,34 @@ def repeat_batch(obj: Any, batch_size: int, times: int) -> Any:
     return obj
 
 
-def extract_logits(output: Any, getter: LogitsGetter) -> Tensor:
-    """Find the logits tensor in a model output.
+def extract_logits(output: Any, getter: LogitsGetter = None) -> Tensor:
+    """Find the logits tensor in a model output, by the rule of :class:`rdrop.RDrop`'s
+    ``logits_key``.
 
-    ``getter=None`` tries, in order: the output itself if it is a tensor, the ``"logits"``
-    key of a mapping, a ``.logits`` attribute, the first item of a tuple or list. A string
-    is a mapping key or attribute name, an int a tuple index, a callable is applied.
+    Example:
+        >>> import torch, rdrop
+        >>> z = torch.zeros(2, 3)
+        >>> rdrop.extract_logits({"logits": z, "loss": None}) is z
+        True
+        >>> rdrop.extract_logits((z, "hidden")) is z
+        True
+        >>> rdrop.extract_logits({"scores": z}, "scores") is z
+        True
+
+    Args:
+        output: what a model returned: a tensor, a mapping, an object with ``.logits``
+            (Hugging Face outputs), or a tuple or list.
+        getter: ``None`` tries, in order: the output itself if it is a tensor, the
+            ``"logits"`` key of a mapping, a ``.logits`` attribute, the first item of a
+            tuple or list. A string is a mapping key or attribute name, an int a tuple
+            index, a callable is applied to the output.
+
+    Returns:
+        The logits tensor.
+
+    Raises:
+        ValueError: naming ``logits_key`` when nothing (or no tensor) is found there.
+        TypeError: when ``getter`` is of another type.
     """
     if callable(getter):
         found = getter(output)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rdrop.experiments.tasks.base import Collator, Example, Task, TaskData
+from rdrop_lab.tasks.base import Collator, Example, Task, TaskData
 
 B, T, D, C, V = 4, 3, 6, 3, 12
 

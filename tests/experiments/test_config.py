@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rdrop.experiments.config import ConfigError, RunConfig, load_suite, parse_suite
+from rdrop_lab.config import ConfigError, RunConfig, load_suite, parse_suite
 
 TASKS = {"sst2": 1.0, "cola": 0.5, "mrpc": 1.0}
 METHODS = {"baseline", "rdrop", "doubled_batch"}

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rdrop.experiments import tasks as task_registry
-from rdrop.experiments.config import ConfigError, RunConfig
-from rdrop.experiments.resume import ResumeError, load_resume_state, resume_path, save_resume_state
-from rdrop.experiments.runner import train_run
-from rdrop.experiments.store import ResultStore
+from rdrop_lab import tasks as task_registry
+from rdrop_lab.config import ConfigError, RunConfig
+from rdrop_lab.resume import ResumeError, load_resume_state, resume_path, save_resume_state
+from rdrop_lab.runner import train_run
+from rdrop_lab.store import ResultStore
 from tests.experiments._records import comparable
 from tests.experiments._toy import ToyTask, examples
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from rdrop.experiments.config import ConfigError, RunConfig
-from rdrop.experiments.data_regimes import (
+from rdrop_lab.config import ConfigError, RunConfig
+from rdrop_lab.data_regimes import (
     few_shot_indices,
     pool_indices,
     select_training_data,
     strip_labels,
 )
-from rdrop.experiments.tasks.base import Example
+from rdrop_lab.tasks.base import Example
 from tests.experiments._toy import ToyRegression, ToyTask, examples
 
 CLASSES = [i % 3 for i in range(60)] + [0] * 15  # 35 / 20 / 20 examples

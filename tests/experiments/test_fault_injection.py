@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from rdrop.experiments.tasks import DataError, default_data_dir
-from rdrop.experiments.tasks.images import FILES, find_fashion_mnist
+from rdrop_lab.tasks import DataError, default_data_dir
+from rdrop_lab.tasks.images import FILES, find_fashion_mnist
 from tests.experiments._records import comparable
 
 try:
@@ -63,7 +63,7 @@ def test_sigkill_at_random_moments_leaves_the_uninterrupted_results(tmp_path: Pa
 
     def command(results: Path) -> list[str]:
         return [
-            sys.executable, "-m", "rdrop.experiments.cli", "sweep", str(config),
+            sys.executable, "-m", "rdrop_lab.cli", "sweep", str(config),
             "--results-dir", str(results), "--data-dir", str(DATA), "--threads", "1",
             "--checkpoint-every", "0",
         ]  # fmt: skip

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from rdrop.experiments import tasks as task_registry
-from rdrop.experiments.cli import main
-from rdrop.experiments.config import ConfigError, RunConfig, parse_suite
-from rdrop.experiments.report import write_report
-from rdrop.experiments.runner import run_suite, train_run
-from rdrop.experiments.store import ResultStore
-from rdrop.experiments.tasks import DataError
-from rdrop.experiments.tasks.glue import GLUE_TASKS, _read_tsv
+from rdrop_lab import tasks as task_registry
+from rdrop_lab.cli import main
+from rdrop_lab.config import ConfigError, RunConfig, parse_suite
+from rdrop_lab.report import write_report
+from rdrop_lab.runner import run_suite, train_run
+from rdrop_lab.store import ResultStore
+from rdrop_lab.tasks import DataError
+from rdrop_lab.tasks.glue import GLUE_TASKS, _read_tsv
 from tests.experiments._toy import ToyTask, examples
 
 TOY = {"epochs": 1.0, "train_size": 16, "batch_size": 4, "evals_per_epoch": 2, "probe_size": 4}
@@ -129,7 +129,7 @@ def test_suite_names_cannot_leave_the_runs_folder(name: str) -> None:
 
 
 def test_config_files_bom_invalid_utf8_duplicates_and_aliases(tmp_path: Path) -> None:
-    from rdrop.experiments.config import read_config_file
+    from rdrop_lab.config import read_config_file
 
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b"\xef\xbb\xbf" + SUITE.encode())

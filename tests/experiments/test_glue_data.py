@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rdrop.experiments.tasks import TASKS, DataError, default_data_dir
-from rdrop.experiments.tasks.glue import GLUE_TASKS
+from rdrop_lab.tasks import TASKS, DataError, default_data_dir
+from rdrop_lab.tasks.glue import GLUE_TASKS
 
 try:
     DATA = default_data_dir()

@@ -17,11 +17,11 @@ from torch.nn.modules.dropout import _DropoutNd
 
 import rdrop
 from rdrop._dropout import active_dropout_modules
-from rdrop.experiments.config import RunConfig
-from rdrop.experiments.runner import train_run
-from rdrop.experiments.store import ResultStore
-from rdrop.experiments.tasks import DataError, Example, TaskData, get_task
-from rdrop.experiments.tasks.images import (
+from rdrop_lab.config import RunConfig
+from rdrop_lab.runner import train_run
+from rdrop_lab.store import ResultStore
+from rdrop_lab.tasks import DataError, Example, TaskData, get_task
+from rdrop_lab.tasks.images import (
     ENV_VAR,
     FILES,
     IMAGE_MAGIC,

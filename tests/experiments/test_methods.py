@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rdrop.experiments.config import ConfigError, RunConfig, is_plain_rdrop
-from rdrop.experiments.methods import METHODS, RunContext, get_method, method_specs
-from rdrop.experiments.methods.core import UnlabeledBatches
-from rdrop.experiments.tasks import get_task
+from rdrop_lab.config import ConfigError, RunConfig, is_plain_rdrop
+from rdrop_lab.methods import METHODS, RunContext, get_method, method_specs
+from rdrop_lab.methods.core import UnlabeledBatches
+from rdrop_lab.tasks import get_task
 from tests.experiments._toy import (
     B,
     C,

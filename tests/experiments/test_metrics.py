@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rdrop.experiments import metrics
+from rdrop_lab import metrics
 
 sk = pytest.importorskip("sklearn.metrics")
 stats = pytest.importorskip("scipy.stats")

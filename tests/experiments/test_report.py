@@ -1,4 +1,4 @@
-"""rdrop.experiments.report on small synthetic run records."""
+"""rdrop_lab.report on small synthetic run records."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from rdrop.experiments.report import (
+from rdrop_lab.report import (
     VERDICT_BASELINE_BETTER,
     VERDICT_NO_DIFFERENCE,
     VERDICT_RDROP_BETTER,
@@ -22,7 +22,7 @@ from rdrop.experiments.report import (
     verdict,
     write_report,
 )
-from rdrop.experiments.stats import paired_difference
+from rdrop_lab.stats import paired_difference
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -428,7 +428,7 @@ def test_report_imports_matplotlib_lazily(tmp_path: Path) -> None:
     write_records(tmp_path, sst2_records()[:1])
     code = (
         "import sys\n"
-        "import rdrop, rdrop.experiments.report as report\n"
+        "import rdrop, rdrop_lab.report as report\n"
         "assert 'matplotlib' not in sys.modules, 'imported at module level'\n"
         f"report.write_report(__import__('pathlib').Path({str(tmp_path)!r}))\n"
         "assert 'matplotlib' in sys.modules\n"

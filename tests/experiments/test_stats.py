@@ -1,4 +1,4 @@
-"""rdrop.experiments.stats against hand-computed values."""
+"""rdrop_lab.stats against hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from rdrop.experiments.stats import (
+from rdrop_lab.stats import (
     PairedDifference,
     bootstrap_interval,
     format_interval,

@@ -11,23 +11,23 @@ from typing import Any
 import pytest
 import torch
 
-from rdrop.experiments.cli import main
-from rdrop.experiments.config import (
+from rdrop_lab.cli import main
+from rdrop_lab.config import (
     ConfigError,
     RunConfig,
     is_plain_rdrop,
     load_suite,
     parse_suite,
 )
-from rdrop.experiments.methods import method_specs
-from rdrop.experiments.runner import (
+from rdrop_lab.methods import method_specs
+from rdrop_lab.runner import (
     check_run,
     estimate_units,
     time_budget_for,
     time_budget_sources,
 )
-from rdrop.experiments.store import ResultStore
-from rdrop.experiments.tasks import TASKS
+from rdrop_lab.store import ResultStore
+from rdrop_lab.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
 KNOWN_TASKS = {name: task.paper_alpha for name, task in TASKS.items()}
@@ -413,7 +413,7 @@ def test_cli_sweep_names_a_chunk_the_suite_does_not_have(
 def test_cli_demo_keeps_quick_runs_apart_from_full_ones(
     argv: list[str], folder: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import rdrop.experiments.cli as cli
+    import rdrop_lab.cli as cli
 
     seen: dict[str, Any] = {}
 
@@ -429,8 +429,8 @@ def test_cli_demo_keeps_quick_runs_apart_from_full_ones(
 
 
 def test_demo_runs_use_the_tasks_own_defaults() -> None:
-    import rdrop.experiments.cli as cli
-    from rdrop.experiments.tasks import get_task
+    import rdrop_lab.cli as cli
+    from rdrop_lab.tasks import get_task
 
     lm = cli._demo_runs((0,), quick=False)[0]
     defaults = get_task("shakespeare").run_defaults

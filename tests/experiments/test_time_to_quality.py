@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from rdrop.experiments.report import write_report
-from rdrop.experiments.report._convergence import paired_at_budget, time_budgets
-from rdrop.experiments.store import ResultStore
-from rdrop.experiments.time_to_quality import (
+from rdrop_lab.report import write_report
+from rdrop_lab.report._convergence import paired_at_budget, time_budgets
+from rdrop_lab.store import ResultStore
+from rdrop_lab.time_to_quality import (
     best_so_far,
     crossing_time,
     mean_best_so_far,
@@ -145,7 +145,7 @@ def test_report_shows_time_to_quality_and_marks_unconverged_runs(tmp_path: Path)
 
 
 def test_verdict_table_row_by_hand(tmp_path: Path) -> None:
-    from rdrop.experiments.report import converged_verdict_table
+    from rdrop_lab.report import converged_verdict_table
 
     table = converged_verdict_table(BASE + RDROP)
     row = next(line for line in table.splitlines() if line.startswith("| sst2"))

@@ -1,0 +1,298 @@
+"""The report's converged-regime parts: which runs converged, time-to-quality tables, the
+crossing time and the best-so-far plot (from :mod:`rdrop_lab.time_to_quality`)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from rdrop_lab.report._grouping import (
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    N_BOOTSTRAP,
+    MethodRuns,
+    TaskRuns,
+)
+from rdrop_lab.report._records import Record, pair_of
+from rdrop_lab.stats import (
+    PairedDifference,
+    format_interval,
+    format_signed,
+    paired_difference,
+)
+from rdrop_lab.time_to_quality import (
+    crossing_time,
+    curve_times,
+    mean_best_so_far,
+    selected_eval,
+    selected_test,
+    time_to_best,
+)
+
+__all__ = [
+    "verdict_table",
+    "converged_marks",
+    "converging",
+    "convergence_lines",
+    "paired_at_budget",
+    "plot_best_so_far",
+    "time_budgets",
+]
+
+
+def converging(task: TaskRuns) -> bool:
+    """Whether the task's runs followed the convergence protocol (early stopping)."""
+    return any(r.get("config", {}).get("patience") is not None for r in task.records)
+
+
+def _usable(group: MethodRuns) -> list[Record]:
+    return [r for r in group.records if not r.get("diverged") and r.get("evals")]
+
+
+def converged_marks(task: TaskRuns) -> tuple[int, int, list[str]]:
+    """(converged runs, all runs, labels of the runs that did not converge)."""
+    done, total, missing = 0, 0, []
+    for group in task.groups:
+        for record in group.records:
+            total += 1
+            if record.get("converged"):
+                done += 1
+            else:
+                reason = "diverged" if record.get("diverged") else "hit max_epochs"
+                missing.append(f"{group.label} seed {pair_of(record)[0]} ({reason})")
+    return done, total, missing
+
+
+def paired_at_budget(
+    treatment: Sequence[Record],
+    control: Sequence[Record],
+    budget: float,
+    metric: str,
+    higher: bool = True,
+) -> PairedDifference | None:
+    """Paired test difference (treatment − control) of the models each run would have
+    selected on validation within ``budget`` training seconds, over the seeds where both
+    had evaluated by then (``None`` when no seed has both)."""
+    ours = {pair_of(r): selected_test(r, budget, metric, higher) for r in treatment}
+    theirs = {pair_of(r): selected_test(r, budget, metric, higher) for r in control}
+    pairs = sorted(p for p in ours if ours[p] is not None and theirs.get(p) is not None)
+    if not pairs:
+        return None
+    return paired_difference(
+        [ours[p] for p in pairs],  # type: ignore[misc]
+        [theirs[p] for p in pairs],  # type: ignore[misc]
+        CONFIDENCE,
+        N_BOOTSTRAP,
+        BOOTSTRAP_SEED,
+    )
+
+
+def time_budgets(
+    treatment: Sequence[Record], control: Sequence[Record], metric: str, higher: bool = True
+) -> list[tuple[str, float]]:
+    """The budgets of the time-to-quality table: the control's and the treatment's median
+    time to their best validation score, and the longest run."""
+    control_best = statistics.median(time_to_best(r, metric, higher) for r in control)
+    treatment_best = statistics.median(time_to_best(r, metric, higher) for r in treatment)
+    longest = max(r["evals"][-1]["train_seconds"] for r in (*treatment, *control))
+    return [
+        ("baseline's time to its best", control_best),
+        ("R-Drop's time to its best", treatment_best),
+        ("maximum (longest run)", longest),
+    ]
+
+
+def _seconds_per_epoch(runs: Sequence[Record]) -> float | None:
+    values = [
+        r["train_seconds"] / r["epochs_run"] for r in runs if r.get("epochs_run") and r["steps"]
+    ]
+    return statistics.median(values) if values else None
+
+
+def _mean_extra(
+    treatment: Sequence[Record], control: Sequence[Record], key: str, metric: str, higher: bool
+) -> float | None:
+    """Mean over seeds of (treatment − control) of ``key`` at the converged choice."""
+    ours = {pair_of(r): selected_eval(r, math.inf, metric, higher) for r in treatment}
+    theirs = {pair_of(r): selected_eval(r, math.inf, metric, higher) for r in control}
+    diffs = [
+        ours[p][key] - theirs[p][key]  # type: ignore[index]
+        for p in ours
+        if ours[p] is not None and theirs.get(p) is not None
+    ]
+    return statistics.fmean(diffs) if diffs else None
+
+
+def _interval_cells(diff: PairedDifference | None, digits: int, higher: bool) -> list[str]:
+    """Δ, its t-interval and wins/ties/losses of the treatment (a win is *better*)."""
+    if diff is None:
+        return ["—", "—", "—"]
+    wins, losses = (diff.wins, diff.losses) if higher else (diff.losses, diff.wins)
+    return [
+        format_signed(diff.mean, digits),
+        format_interval(diff.t_low, diff.t_high, digits),
+        f"{wins}/{diff.ties}/{losses}",
+    ]
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds:,.0f} s" if seconds >= 10 else f"{seconds:.2f} s"
+
+
+def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
+    """The task's convergence status, time-to-quality table and crossing time."""
+    metric, higher = task.primary, task.higher_is_better
+    done, total, missing = converged_marks(task)
+    lines = [
+        "",
+        f"Convergence: {done} of {total} runs converged (validation {metric} peaked and "
+        f"did not improve for `patience` evaluations before the run ended)."
+        + (f" **Not converged:** {', '.join(missing)}." if missing else ""),
+    ]
+    base = task.baseline
+    if base is None or not _usable(base):
+        return lines
+    control = _usable(base)
+    for group in task.groups:
+        if not group.method.startswith("rdrop") or not _usable(group):
+            continue
+        treatment = _usable(group)
+        header = [
+            "budget",
+            "training s",
+            f"Δ test {metric} ({group.label} − baseline)",
+            "95% t-interval",
+            "W/T/L",
+        ]
+        rows = []
+        for name, seconds in time_budgets(treatment, control, metric, higher):
+            diff = paired_at_budget(treatment, control, seconds, metric, higher)
+            rows.append([name, _format_seconds(seconds), *_interval_cells(diff, digits, higher)])
+        converged = paired_at_budget(treatment, control, math.inf, metric, higher)
+        rows.append(["converged vs converged", "—", *_interval_cells(converged, digits, higher)])
+        crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
+        threads = sorted(
+            {str(r.get("environment", {}).get("torch_threads", "?")) for r in treatment + control}
+        )
+        if crossing.seconds is None:
+            crossed = "never (its best-so-far validation curve is not ahead at the end)"
+        else:
+            crossed = f"at {_format_seconds(crossing.seconds)}"
+            if crossing.control_epochs is not None:
+                crossed += f" ({crossing.control_epochs:.1f} baseline epochs)"
+        extra_steps = _mean_extra(treatment, control, "step", metric, higher)
+        extra_seconds = _mean_extra(treatment, control, "train_seconds", metric, higher)
+        lines += [
+            "",
+            f"Time to quality, {group.label} vs baseline (test scores of the models each "
+            "method would have selected on validation within the budget; training seconds "
+            f"on the process CPU clock, torch threads: {', '.join(threads)}):",
+            "",
+            _table(header, rows),
+            "",
+            f"- Crossing time (mean best-so-far validation {metric} of {group.label} ahead "
+            f"of the baseline's for good): {crossed}.",
+        ]
+        if extra_steps is not None and extra_seconds is not None:
+            lines.append(
+                f"- To reach its best, {group.label} needed {extra_steps:+.0f} steps and "
+                f"{extra_seconds:+,.0f} training seconds relative to the baseline (mean over "
+                "seeds)."
+            )
+    return lines
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_best_so_far(task: TaskRuns, colors: dict[str, str], path: Path) -> bool:
+    """Best-so-far validation against training seconds: the mean over seeds of each
+    method, with the range of its seeds as a band."""
+    from rdrop_lab.report._plots import _new_figure, _save
+
+    metric, higher = task.primary, task.higher_is_better
+    figure = _new_figure()
+    axes = figure.add_subplot()
+    drawn = False
+    for group in task.groups:
+        runs = _usable(group)
+        if not runs:
+            continue
+        times = curve_times(runs)
+        points = [(t, v) for t, v in zip(times, mean_best_so_far(runs, times, metric, higher)) if v]
+        if not points:
+            continue
+        xs = [t for t, _ in points]
+        color = colors[group.label]
+        axes.step(xs, [v[0] for _, v in points], where="post", color=color, label=group.label)
+        axes.fill_between(
+            xs,
+            [v[1] for _, v in points],
+            [v[2] for _, v in points],
+            step="post",
+            color=color,
+            alpha=0.15,
+        )
+        drawn = True
+    if not drawn:
+        return False
+    axes.set_xlabel("training time (s, process CPU)")
+    axes.set_ylabel(f"best-so-far validation {metric}")
+    axes.set_title(f"{task.title}: time to quality (mean over seeds, band: range)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    _save(figure, path)
+    return True
+
+
+def verdict_table(tasks: Sequence[TaskRuns], digits: int = 4) -> str:
+    """One row per converging task: the chosen R-Drop row against the baseline, converged
+    vs converged (Δ of the test metric with its 95% t-interval), the crossing time and the
+    cost of an R-Drop step in baseline steps."""
+    header = [
+        "task",
+        "runs (converged)",
+        "R-Drop row",
+        "converged Δ test [95% t-interval]",
+        "W/T/L",
+        "crossing time",
+        "step cost",
+    ]
+    rows = []
+    for task in tasks:
+        if not converging(task):
+            continue
+        chosen, base = task.chosen_rdrop(), task.baseline
+        done, total, _ = converged_marks(task)
+        if chosen is None or base is None:
+            continue
+        group, reason = chosen
+        treatment, control = _usable(group), _usable(base)
+        metric, higher = task.primary, task.higher_is_better
+        diff = paired_at_budget(treatment, control, math.inf, metric, higher)
+        delta, interval, wtl = _interval_cells(diff, digits, higher)
+        crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
+        if crossing.seconds is None:
+            crossed = "never"
+        else:
+            crossed = _format_seconds(crossing.seconds)
+            if crossing.control_epochs is not None:
+                crossed += f" ({crossing.control_epochs:.1f} baseline epochs)"
+        cost = group.seconds_per_step() / base.seconds_per_step()
+        rows.append(
+            [
+                f"{task.title} ({metric})",
+                f"{total} ({done})",
+                f"{group.label} ({reason})",
+                f"{delta} {interval}",
+                wtl,
+                crossed,
+                f"{cost:.2f}×",
+            ]
+        )
+    return _table(header, rows) if rows else "No runs trained to convergence."

@@ -1,0 +1,324 @@
+"""Reading run records, and the facts the report takes from each one.
+
+A record is the JSON a finished run writes to ``runs/*.json``. The accessors here read a
+record's task, method, alpha, seed, data draw and options, with each config field's default
+for records written before the field existed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rdrop_lab.config import METHOD_FIELDS, config_value
+
+Record = dict[str, Any]
+
+BUDGETS: tuple[str, ...] = ("converged", "equal_epochs", "equal_time")
+
+# Methods whose equal-time model is their equal-epochs model, for records that do not say
+# (written before ``method_info``; all of them plain R-Drop or the doubled batch).
+COSTS_LIKE_RDROP = {"rdrop", "doubled_batch"}
+
+# Display names and row order of the methods (unknown methods: their name, last).
+_METHOD_NAMES = {
+    "baseline": "baseline",
+    "doubled_batch": "doubled batch (no KL)",
+    "rdrop": "R-Drop",
+    "label_smoothing": "label smoothing",
+    "mixup": "MixUp",
+    "manifold_mixup": "Manifold MixUp",
+    "fgm": "FGM",
+    "rdrop_label_smoothing": "R-Drop + label smoothing",
+    "rdrop_mixup": "R-Drop + MixUp",
+    "rdrop_manifold_mixup": "R-Drop + Manifold MixUp",
+    "rdrop_fgm": "R-Drop + FGM",
+    "rdrop_semi": "R-Drop semi-supervised",
+}
+_METHOD_RANK = {name: rank for rank, name in enumerate(_METHOD_NAMES)}
+# Short labels of the options in a row label (field -> prefix).
+_OPTION_LABELS = {
+    "every_k_steps": "k=",
+    "num_passes": "m=",
+    "dropout_rates": "p=",
+    "stop_gradient": "stop-grad",
+    "label_smoothing": "ε_ls=",
+    "mixup_alpha": "α_mix=",
+    "manifold_mixup_alpha": "α_mm=",
+    "fgm_epsilon": "ε_fgm=",
+    "unlabeled_size": "unlabeled=",
+}
+
+Variant = tuple[tuple[str, Any], ...]
+
+
+class ReportWarning(UserWarning):
+    """A run record was skipped or is inconsistent with the others."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _missing_keys(record: Any) -> list[str]:
+    """Names of the keys the report cannot do without (empty list: usable)."""
+    if not isinstance(record, dict):
+        return ["<top level is not an object>"]
+    missing = []
+    config, task, selections = record.get("config"), record.get("task"), record.get("selections")
+    if not isinstance(config, dict):
+        missing.append("config")
+    else:
+        missing += [f"config.{k}" for k in ("method", "seed") if k not in config]
+    if not isinstance(task, dict):
+        missing.append("task")
+    else:
+        missing += [f"task.{k}" for k in ("name", "primary_metric") if k not in task]
+    diverged = record.get("diverged") is True
+    if not isinstance(selections, dict) or not (
+        diverged or isinstance(selections.get("equal_epochs"), dict)
+    ):
+        missing.append("selections.equal_epochs")
+    return missing
+
+
+def load_records(results_dir: str | os.PathLike[str]) -> list[Record]:
+    """Read every finished run record in ``results_dir/runs/*.json``.
+
+    Files that are not ``*.json`` (e.g. ``*.tmp`` written by a run in progress), that do not
+    parse, or that lack the keys the report needs are skipped with a :class:`ReportWarning`.
+    Several records for the same (task, method, alpha, seed) keep the last one finished.
+
+    Args:
+        results_dir: the results folder (the one holding ``runs/``).
+
+    Returns:
+        The records, sorted by (task, method, alpha, seed).
+
+    Raises:
+        FileNotFoundError: if ``results_dir/runs`` does not exist.
+    """
+    runs_dir = Path(results_dir) / "runs"
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"no run records folder: {runs_dir}")
+    by_key: dict[tuple[Any, ...], tuple[Path, Record]] = {}
+    for path in sorted(runs_dir.iterdir()):
+        partial = path.name.endswith(".tmp")
+        if not partial and (path.name.startswith(".") or path.is_dir()):
+            continue
+        if path.suffix != ".json":
+            warnings.warn(
+                f"skipping {path.name}: not a finished run record (run in progress or "
+                "interrupted?)",
+                ReportWarning,
+                stacklevel=2,
+            )
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            warnings.warn(
+                f"skipping {path.name}: unreadable ({error})", ReportWarning, stacklevel=2
+            )
+            continue
+        missing = _missing_keys(record)
+        if missing:
+            warnings.warn(
+                f"skipping {path.name}: partial record, missing {', '.join(missing)}",
+                ReportWarning,
+                stacklevel=2,
+            )
+            continue
+        if record.get("schema", 1) not in (1, 2):
+            warnings.warn(
+                f"{path.name}: unknown record schema {record.get('schema')!r}, reading it as 1",
+                ReportWarning,
+                stacklevel=2,
+            )
+        key = (
+            section_of(record),
+            method_of(record),
+            alpha_of(record),
+            variant_of(record),
+            record["config"]["seed"],
+            data_seed_of(record),
+        )
+        if key in by_key:
+            previous_path, previous = by_key[key]
+            newer = str(record.get("finished_at", "")) >= str(previous.get("finished_at", ""))
+            kept, dropped = (path, previous_path) if newer else (previous_path, path)
+            where = f"task={key[0][0]} method={key[1]} alpha={key[2]} seed={key[4]}"
+            if key[3]:
+                where += " " + variant_text(key[3])
+            if key[5]:
+                where += f" data_seed={key[5]}"
+            warnings.warn(
+                f"two records for {where}: keeping {kept.name}, ignoring {dropped.name}",
+                ReportWarning,
+                stacklevel=2,
+            )
+            if not newer:
+                continue
+        by_key[key] = (path, record)
+    records = [record for _, record in by_key.values()]
+    records.sort(key=lambda r: (task_name_of(r), _method_order(r), pair_of(r)))
+    return records
+
+
+# --------------------------------------------------------------------------- record access
+
+
+def task_name_of(record: Record) -> str:
+    return str(record["task"].get("name") or record["config"].get("task"))
+
+
+def method_of(record: Record) -> str:
+    return str(record["config"]["method"])
+
+
+def alpha_of(record: Record) -> float | None:
+    alpha = record["config"].get("alpha")
+    return None if alpha is None else float(alpha)
+
+
+def seed_of(record: Record) -> int:
+    return int(record["config"]["seed"])
+
+
+def config_of(record: Record, key: str) -> Any:
+    """A config value, with the field's default for records older than the field."""
+    return config_value(record["config"], key)
+
+
+def data_seed_of(record: Record) -> int:
+    return int(config_of(record, "data_seed") or 0)
+
+
+def pair_of(record: Record) -> tuple[int, int]:
+    """What pairs runs of different methods: the seed and the data draw."""
+    return seed_of(record), data_seed_of(record)
+
+
+def shots_of(record: Record) -> int | None:
+    value = config_of(record, "shots_per_class")
+    return None if value is None else int(value)
+
+
+def section_of(record: Record) -> tuple[str, int | None]:
+    """The table a record belongs to: its task and its few-shot size."""
+    return task_name_of(record), shots_of(record)
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def variant_of(record: Record) -> Variant:
+    """The method options of a record that differ from their defaults (sorted)."""
+    items = []
+    for key in sorted(METHOD_FIELDS):
+        value = _hashable(config_of(record, key))
+        default = _hashable(config_value({}, key))
+        if value != default:
+            items.append((key, value))
+    return tuple(items)
+
+
+def _option_text(key: str, value: Any) -> str:
+    prefix = _OPTION_LABELS.get(key, f"{key}=")
+    if key == "stop_gradient":
+        return prefix if value else "no stop-grad"
+    if isinstance(value, tuple):
+        return prefix + "(" + ",".join(f"{v:g}" for v in value) + ")"
+    if isinstance(value, float):
+        return prefix + f"{value:g}"
+    return prefix + str(value)
+
+
+def variant_text(variant: Variant) -> str:
+    return " ".join(_option_text(k, v) for k, v in variant)
+
+
+def finite_or_none(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def format_alpha(alpha: float) -> str:
+    return f"{alpha:.1f}" if alpha == round(alpha, 1) else f"{alpha:g}"
+
+
+def method_label(method: str, alpha: float | None, variant: Variant = ()) -> str:
+    """Row label of a method in the report: its name, alpha and non-default options.
+
+    Example:
+        >>> method_label("rdrop", 1.0), method_label("doubled_batch", None)
+        ('R-Drop α=1.0', 'doubled batch (no KL)')
+        >>> method_label("rdrop", 1.0, (("every_k_steps", 5),))
+        'R-Drop α=1.0 k=5'
+        >>> method_label("rdrop", 1.0, (("dropout_rates", (0.1, 0.3)),))
+        'R-Drop α=1.0 p=(0.1,0.3)'
+        >>> method_label("mixup", None, (("mixup_alpha", 0.4),))
+        'MixUp α_mix=0.4'
+    """
+    if method in ("baseline", "doubled_batch") and not variant:
+        return _METHOD_NAMES[method]
+    name = _METHOD_NAMES.get(method, method.replace("_", " "))
+    label = name if alpha is None else f"{name} α={format_alpha(alpha)}"
+    return f"{label} {variant_text(variant)}" if variant else label
+
+
+def _method_order(record: Record) -> tuple[Any, ...]:
+    return order_key(method_of(record), alpha_of(record), variant_of(record))
+
+
+def order_key(method: str, alpha: float | None, variant: Variant = ()) -> tuple[Any, ...]:
+    rank = _METHOD_RANK.get(method, len(_METHOD_RANK))
+    return (
+        rank,
+        method,
+        bool(variant),  # a method's plain rows (every alpha) before its ablations
+        -1.0 if alpha is None else alpha,
+        json.dumps([list(item) for item in variant], default=str),
+    )
+
+
+def costs_like_rdrop(record: Record) -> bool:
+    info = record.get("method_info")
+    if isinstance(info, dict) and isinstance(info.get("costs_like_rdrop"), bool):
+        return bool(info["costs_like_rdrop"])
+    return method_of(record) in COSTS_LIKE_RDROP and not variant_of(record)
+
+
+def _selection(record: Record, budget: str) -> dict[str, Any] | None:
+    selections = record.get("selections") or {}
+    selected = selections.get(budget)
+    if budget == "equal_time" and costs_like_rdrop(record):
+        # R-Drop sets the time budget, and the doubled batch costs the same per step: their
+        # equal-time model is their equal-epochs model.
+        selected = selections.get("equal_epochs")
+    return selected if isinstance(selected, dict) else None
+
+
+def selected_value(record: Record, budget: str, split: str, metric: str) -> float | None:
+    selected = _selection(record, budget)
+    if selected is None or not isinstance(selected.get(split), dict):
+        return None
+    return finite_or_none(selected[split].get(metric))
+
+
+def seconds_per_step_of(record: Record) -> float | None:
+    value = finite_or_none(record.get("seconds_per_step"))
+    if value is None:
+        seconds, steps = (
+            finite_or_none(record.get("train_seconds")),
+            finite_or_none(record.get("steps")),
+        )
+        if seconds is not None and steps:
+            value = seconds / steps
+    return value
