@@ -1,6 +1,6 @@
 """The ``rdrop`` command: run, resume and report R-Drop experiments.
 
-    rdrop demo                                   # baseline vs R-Drop to convergence, ~10 min
+    rdrop demo                                   # baseline vs R-Drop to convergence, ~15 min
     rdrop run sst2 --method rdrop --alpha 1.0 --seeds 0 1 2
     rdrop run sst2 --method rdrop --every-k-steps 5         # an ablation of the paper
     rdrop run sst2 --method baseline mixup fgm --shots-per-class 16 --data-seeds 0 1 2
@@ -452,7 +452,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="baseline vs R-Drop trained to convergence on real data, about ten minutes on "
+        help="baseline vs R-Drop trained to convergence on real data, about 15 minutes on "
         "2 CPU cores",
     )
     common(demo, None, "runs/demo (runs/demo_minilm with --minilm; _quick with --quick)")
