@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -113,16 +114,20 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["baseline", "rdrop", "mixup"])
+@pytest.mark.parametrize("method", ["baseline", "rdrop", "mixup", "rdrop_rates"])
 @pytest.mark.parametrize("kill_at", [1, 5, 9])
 def test_a_run_killed_at_any_step_resumes_to_the_same_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, kill_at: int
 ) -> None:
     _register(monkeypatch, ToyTask(examples(16)))
+    options: dict[str, Any] = {}
+    if method == "rdrop_rates":  # a tuple-valued option must survive the checkpoint
+        method, options = "rdrop", {"dropout_rates": (0.1, 0.3), "every_k_steps": 2}
     alpha = 1.0 if method == "rdrop" else None
     config = RunConfig(
-        "toy", method, alpha=alpha, max_epochs=4.0, patience=20, equal_time=False, **TOY
-    )
+        "toy", method, alpha=alpha, max_epochs=4.0, patience=20, equal_time=False, **TOY,
+        **options,
+    )  # fmt: skip
     whole = train_run(config, ResultStore(tmp_path / "a"), data_dir=tmp_path)
 
     store = ResultStore(tmp_path / "b")

@@ -683,8 +683,12 @@ def _resume(
 
     try:
         saved = load_resume_state(path)
-        if saved.get("run_id") != config.run_id() or saved.get("config") != json.loads(
-            json.dumps(config.to_dict())
+
+        def plain(value: Any) -> Any:  # tuples and lists compare alike
+            return json.loads(json.dumps(value))
+
+        if saved.get("run_id") != config.run_id() or plain(saved.get("config")) != plain(
+            config.to_dict()
         ):
             raise ResumeError(f"{path}: the checkpoint belongs to another run configuration")
         model.load_state_dict(saved["model"])
