@@ -205,47 +205,46 @@ def symmetric_kl(
         raise ValueError(
             f"implementation must be 'auto', 'chunked' or 'reference', got {implementation!r}"
         )
-    if implementation == "reference" or (
-        # A non-tensor goes to the reference, whose checks name the argument.
-        implementation == "auto"
-        and (not isinstance(logits_a, Tensor) or logits_a.numel() < _CHUNKED_MIN_NUMEL)
-    ):
-        _check_pair(logits_a, logits_b)
-        _check_reduction(reduction)
-        _check_mask(mask, logits_a.shape[:-1], "the logits' shape without the last dimension")
-        live, one_sided = _impossible_rows(logits_a, logits_b, mask)
-        per_item = symmetric_kl_reference(logits_a, logits_b, live, "none")
-        return _reduce(_infinite_where(per_item, one_sided), mask, reduction)
     _check_pair(logits_a, logits_b)
     _check_reduction(reduction)
     _check_mask(mask, logits_a.shape[:-1], "the logits' shape without the last dimension")
-    if chunk_size is not None:
-        check_int("chunk_size", chunk_size, 1)
-    live, one_sided = _impossible_rows(logits_a, logits_b, mask)
-    if not bool(one_sided.any()) and bool((live == (mask if mask is not None else True)).all()):
-        live = mask  # the common case: no all--inf row, the kernel sees the caller's mask
-    per_item = chunked_symmetric_kl(logits_a, logits_b, live, chunk_size)
+    dead, one_sided = _impossible_rows(logits_a, logits_b, mask)
+    if implementation == "reference" or (
+        implementation == "auto" and logits_a.numel() < _CHUNKED_MIN_NUMEL
+    ):
+        per_item = symmetric_kl_reference(logits_a, logits_b, _kept(mask, dead), "none")
+    else:
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, 1)
+        # The kernel skips masked rows; it sees the caller's mask unless a row has no
+        # distribution at all (one flag read back: the kernel synchronises anyway).
+        live = _kept(mask, dead) if bool(dead.any()) else mask
+        per_item = chunked_symmetric_kl(logits_a, logits_b, live, chunk_size)
     return _reduce(_infinite_where(per_item, one_sided), mask, reduction)
 
 
 def _impossible_rows(a: Tensor, b: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Items whose logits are all ``-inf`` (no distribution at all): ``(live, one_sided)``.
+    """Kept items whose logits are all ``-inf`` (no distribution at all): ``(dead,
+    one_sided)``.
 
-    ``live`` keeps the caller's items except those that are ``-inf`` throughout in either
-    input (they are computed as 0, so no NaN reaches the value or the gradient);
-    ``one_sided`` marks kept items that are ``-inf`` throughout in exactly one input, whose
-    divergence is infinite.
+    ``dead`` marks the items that are ``-inf`` throughout in either input (they are
+    computed as 0, so no NaN reaches the value or the gradient); ``one_sided`` those
+    ``-inf`` throughout in exactly one input, whose divergence is infinite.
     """
     if a.shape[-1] == 0 or a.numel() == 0:
         empty = torch.zeros(a.shape[:-1], dtype=torch.bool, device=a.device)
-        return (mask if mask is not None else ~empty), empty
+        return empty, empty
     dead_a = torch.isneginf(a.detach().amax(dim=-1))
     dead_b = torch.isneginf(b.detach().amax(dim=-1))
-    keep = ~(dead_a | dead_b)
-    one_sided = dead_a ^ dead_b
+    dead, one_sided = dead_a | dead_b, dead_a ^ dead_b
     if mask is not None:
-        keep, one_sided = keep & mask, one_sided & mask
-    return keep, one_sided
+        dead, one_sided = dead & mask, one_sided & mask
+    return dead, one_sided
+
+
+def _kept(mask: Tensor | None, dead: Tensor) -> Tensor:
+    """The caller's mask without the ``dead`` items."""
+    return ~dead if mask is None else mask & ~dead
 
 
 def _infinite_where(per_item: Tensor, where: Tensor) -> Tensor:

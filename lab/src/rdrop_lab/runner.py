@@ -230,7 +230,7 @@ class _LoopState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> _LoopState:
-        return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()})
+        return cls(**data)
 
 
 def _rng_state(order_rng: torch.Generator, method_rng: torch.Generator) -> dict[str, Any]:
@@ -254,6 +254,11 @@ def _set_rng_state(
     random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+
+
+def _check_checkpoint_every(seconds: float) -> None:
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ConfigError(f"--checkpoint-every must be >= 0 seconds, got {seconds!r}")
 
 
 def _is_finite(value: float | None) -> bool:
@@ -289,8 +294,7 @@ def train_run(
             one after every step.
     """
     check_run(config)
-    if not (checkpoint_every >= 0 and math.isfinite(checkpoint_every)):
-        raise ConfigError(f"--checkpoint-every must be >= 0 seconds, got {checkpoint_every!r}")
+    _check_checkpoint_every(checkpoint_every)
     task = get_task(config.task)
     method = get_method(config.method)
     costs_like_rdrop = method.costs_like_rdrop_for(config)
@@ -746,6 +750,7 @@ def run_suite(
     With ``resume_dir``, each run in progress writes a resumable checkpoint there every
     ``checkpoint_every`` seconds (see :mod:`rdrop_lab.resume`), and a run whose
     checkpoint exists continues from it."""
+    _check_checkpoint_every(checkpoint_every)
     ordered = _order(runs)
     seen: set[str] = set()
     unique = []
