@@ -42,7 +42,7 @@ from rdrop.regularizers import (
     rdrop_mixup_loss,
     soft_cross_entropy,
 )
-from rdrop.schedules import LinearWarmup, linear_warmup
+from rdrop.schedules import ConsistencySchedule, LinearWarmup, linear_warmup
 from rdrop.wrapper import RDrop, RDropWarning
 
 __version__ = "0.1.0"
@@ -71,6 +71,7 @@ __all__ = [
     "extract_logits",
     "LinearWarmup",
     "linear_warmup",
+    "ConsistencySchedule",
     "dropout_rate",
     # probe
     "dropout_consistency",

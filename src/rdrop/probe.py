@@ -14,13 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from rdrop._batch import (
-    LogitsGetter,
-    extract_logits,
-    find_batch_size,
-    repeat_batch,
-    split_passes,
-)
+from rdrop._batch import LogitsGetter, find_batch_size, forward_passes
 from rdrop._dropout import active_dropout_modules
 from rdrop.functional import ConsistencyKind, multi_pass_consistency
 
@@ -101,20 +95,18 @@ def dropout_consistency(
                     module.eval()
             active = tuple(active_dropout_modules(model))
             for _ in range(repeats):
-                output = model(
-                    *repeat_batch(args, batch_size, 2), **repeat_batch(kwargs, batch_size, 2)
+                passes, _ = forward_passes(
+                    model,
+                    args,
+                    kwargs,
+                    batch_size=batch_size,
+                    num_passes=2,
+                    logits_key=logits_key,
+                    remedy="Probe a smaller batch, or fix the model",
+                    split_hint="pass logits_key= to pick the logits out of the output, or "
+                    "move the batch to dim 0",
                 )
-                logits = extract_logits(output, logits_key)
-                first, second = split_passes(
-                    logits,
-                    batch_size,
-                    2,
-                    "pass logits_key= to pick the logits out of the output, or move the "
-                    "batch to dim 0",
-                )
-                per_item = multi_pass_consistency(
-                    [first, second], consistency_mask, "none", kind=kind
-                )
+                per_item = multi_pass_consistency(passes, consistency_mask, "none", kind=kind)
                 if consistency_mask is not None:
                     keep = consistency_mask
                     if keep.shape != per_item.shape:

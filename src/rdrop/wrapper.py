@@ -10,17 +10,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rdrop._batch import (
-    LogitsGetter,
-    extract_logits,
-    find_batch_size,
-    repeat_batch,
-    split_passes,
-)
-from rdrop._checks import check_alpha, check_int, check_scheduled_alpha
+from rdrop._batch import LogitsGetter, extract_logits, find_batch_size, forward_passes
+from rdrop._checks import check_alpha, check_int
 from rdrop._dropout import active_dropout_modules, dropout_rate, training_batchnorm_modules
 from rdrop.functional import ConsistencyKind
 from rdrop.losses import BuiltinTask, RDropLoss, RDropOutput, TaskLoss
+from rdrop.schedules import ConsistencySchedule
 
 __all__ = ["RDrop", "RDropWarning"]
 
@@ -120,10 +115,8 @@ class RDrop(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.alpha_schedule: Callable[[int], float] | None = alpha if callable(alpha) else None
-        self.alpha_value: float | None = (
-            None if alpha is None or callable(alpha) else check_alpha(alpha)
-        )
+        if alpha is not None and not callable(alpha):
+            alpha = check_alpha(alpha)
         check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
         check_int("every_k_steps", every_k_steps, 1)
         if mode not in ("concat", "sequential"):
@@ -171,15 +164,19 @@ class RDrop(nn.Module):
                 )
         self.model = model
         self.criterion = loss or RDropLoss(
-            1.0 if self.alpha_value is None else self.alpha_value,
+            1.0 if alpha is None or callable(alpha) else alpha,
             task=task,
             consistency=consistency,
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             check_finite=check_finite,
         )
+        #: When the consistency term is used and with which alpha (``alpha=None``: the
+        #: loss's alpha); the same rule as the Trainer mixin's.
+        self.schedule = ConsistencySchedule(
+            self.criterion.alpha if alpha is None else alpha, every_k_steps
+        )
         self.num_passes = num_passes
-        self.every_k_steps = every_k_steps
         self.mode: Mode = mode
         self.stop_gradient = stop_gradient
         self.logits_key = logits_key
@@ -195,16 +192,18 @@ class RDrop(nn.Module):
         if isinstance(state, dict) and isinstance(state.get("step"), int):
             self.step = state["step"]
 
+    @property
+    def every_k_steps(self) -> int:
+        """The consistency term is used on training calls ``0, k, 2k, ...``."""
+        return self.schedule.every_k_steps
+
     def current_alpha(self) -> float:
         """Alpha for the next training call (after the schedule, if any)."""
-        if self.alpha_schedule is None:
-            return self.criterion.alpha if self.alpha_value is None else self.alpha_value
-        return check_scheduled_alpha(self.alpha_schedule(self.step), self.step)
+        return self.schedule.alpha_at(self.step)
 
     def applies_consistency(self, step: int | None = None) -> bool:
         """Whether the consistency term is used at ``step`` (default: the next call)."""
-        step = self.step if step is None else step
-        return step % self.every_k_steps == 0
+        return self.schedule.applies_at(self.step if step is None else step)
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, *args: Any, target: Tensor | None = None, **kwargs: Any) -> Any:
@@ -269,22 +268,17 @@ class RDrop(nn.Module):
                 "could not find the batch size: no tensor with a batch dimension in the "
                 "inputs or the target"
             )
-        doubled_args = repeat_batch(args, batch_size, m)
-        doubled_kwargs = repeat_batch(kwargs, batch_size, m)
-        try:
-            output = self.model(*doubled_args, **doubled_kwargs)
-        except RuntimeError as error:
-            raise RuntimeError(
-                f"the model failed on the concatenated batch of {m} x {batch_size} rows "
-                f"({type(error).__name__}: {error}). If it cannot take a batch larger than "
-                f"{batch_size} (e.g. buffers of a fixed batch size), use "
-                "RDrop(..., mode='sequential')"
-            ) from error
-        logits = extract_logits(output, self.logits_key)
-        hint = (
-            "for sequence-first models use batch_first=True, or select the logits with logits_key="
+        return forward_passes(
+            self.model,
+            args,
+            kwargs,
+            batch_size=batch_size,
+            num_passes=m,
+            logits_key=self.logits_key,
+            remedy="If it cannot, use RDrop(..., mode='sequential')",
+            split_hint="for sequence-first models use batch_first=True, or select the "
+            "logits with logits_key=",
         )
-        return split_passes(logits, batch_size, m, hint), output
 
     def _sequential_passes(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -355,7 +349,7 @@ class RDrop(nn.Module):
                 )
 
     def extra_repr(self) -> str:
-        alpha = self.alpha_schedule if self.alpha_schedule is not None else self.current_alpha()
+        alpha = self.schedule.alpha if callable(self.schedule.alpha) else self.current_alpha()
         parts = [f"alpha={alpha}", f"num_passes={self.num_passes}", f"mode={self.mode!r}"]
         if self.every_k_steps != 1:
             parts.append(f"every_k_steps={self.every_k_steps}")

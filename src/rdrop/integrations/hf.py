@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.dropout import _DropoutNd
 
 try:
     from transformers import Trainer
@@ -43,9 +43,14 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
         "pip install 'torch-rdrop[hf]' (or pip install transformers accelerate)"
     ) from error
 
-from rdrop._batch import LogitsGetter, extract_logits, repeat_batch, split_passes
-from rdrop._checks import check_alpha, check_int, check_scheduled_alpha
+from rdrop._batch import LogitsGetter, extract_logits, forward_passes
+from rdrop._checks import check_int
 from rdrop.functional import _KINDS, ConsistencyKind
+from rdrop.integrations._hf_batch import (
+    add_decoder_inputs,
+    missing_dropout_message,
+    refuse_packed_batches,
+)
 from rdrop.losses import (
     _BUILTIN_TASKS,
     BuiltinTask,
@@ -54,9 +59,10 @@ from rdrop.losses import (
     rdrop_loss,
     task_loss,
 )
+from rdrop.schedules import ConsistencySchedule
 from rdrop.wrapper import RDropWarning
 
-__all__ = ["RDropTrainer", "RDropTrainerMixin"]
+__all__ = ["RDropTrainer", "RDropTrainerMixin", "scale_for_gradient_accumulation"]
 
 HFTask = Literal["auto"] | BuiltinTask | TaskLoss
 Alpha = float | Callable[[int], float]
@@ -66,97 +72,77 @@ Alpha = float | Callable[[int], float]
 _TRAINER_HAS_GA_FLAG = hasattr(Trainer, "loss_is_scaled_for_ga")
 
 
-def _dropout_settings(model: nn.Module) -> tuple[list[str], dict[str, float]]:
-    """Dropout modules with ``p > 0`` (in any mode) and numeric ``*dropout*`` config values."""
-    modules = [
-        name or type(module).__name__
-        for name, module in model.named_modules()
-        if (isinstance(module, _DropoutNd) and module.p > 0)
-        or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)
-    ]
-    config = getattr(model, "config", None)
-    settings: dict[str, float] = {}
-    if config is not None:
-        items = config.to_dict() if hasattr(config, "to_dict") else vars(config)
-        for key, value in items.items():
-            if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
-                settings[key] = float(value)
-    # PEFT adapters keep their dropout in their own config (LoraConfig.lora_dropout).
-    for adapter in (getattr(model, "peft_config", None) or {}).values():
-        value = getattr(adapter, "lora_dropout", None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            settings["lora_dropout"] = max(settings.get("lora_dropout", 0.0), float(value))
-    return modules, settings
+def scale_for_gradient_accumulation(
+    loss: Tensor, n_local: int, num_items_in_batch: Tensor | int | None, trainer: Trainer
+) -> Tensor:
+    """Scale a micro-batch's mean loss so that the accumulated gradient is the mean over
+    the whole accumulated batch, as ``Trainer.compute_loss`` does for a model's own loss.
+
+    With ``N`` the items (tokens or examples) of all accumulated micro-batches and ``n``
+    those of this one::
+
+        loss * n / N                    when the Trainer counted N (num_items_in_batch)
+        loss / gradient_accumulation    otherwise (equal micro-batches)
+
+    and, with ``average_tokens_across_devices``, times the number of processes (``N`` is
+    then the count over all of them, while DDP averages the gradients). On transformers
+    < 5 the loss is returned as it is: the Trainer divides it by the accumulation steps.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> args = SimpleNamespace(n_gpu=1, average_tokens_across_devices=False,
+        ...                        gradient_accumulation_steps=2)
+        >>> trainer = SimpleNamespace(args=args)
+        >>> float(scale_for_gradient_accumulation(torch.tensor(3.0), 2, 6, trainer))
+        1.0
+
+    Args:
+        loss: the mean loss over this micro-batch's ``n_local`` items.
+        n_local: items averaged in ``loss``.
+        num_items_in_batch: the Trainer's count ``N``, or ``None`` when it counts other
+            items than ``loss`` averages (then micro-batches weigh equally).
+        trainer: the Trainer (its ``args``, ``accelerator`` and accumulation steps).
+
+    Returns:
+        The loss to backpropagate.
+    """
+    if not _TRAINER_HAS_GA_FLAG:
+        return loss
+    args: Any = trainer.args
+    if num_items_in_batch is not None and args.n_gpu <= 1:
+        loss = loss * n_local / num_items_in_batch
+        if getattr(args, "average_tokens_across_devices", False):
+            tp_size = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+            loss = loss * (trainer.accelerator.num_processes // max(tp_size, 1))
+        return loss
+    steps = getattr(trainer, "current_gradient_accumulation_steps", None)
+    return loss / (steps or args.gradient_accumulation_steps)
 
 
-#: The config key that sets a model family's main dropout, in order of preference.
-_MAIN_DROPOUT_KEYS = (
-    "lora_dropout",
-    "hidden_dropout_prob",
-    "dropout",
-    "dropout_rate",
-    "resid_pdrop",
-    "hidden_dropout",
-    "attention_dropout",
-)
+@dataclass
+class _LabeledBatch:
+    """A Trainer batch split into the model's inputs and R-Drop's target."""
 
+    features: dict[str, Any]
+    labels: Tensor | None
+    shift_labels: Tensor | None
+    label_name: str
 
-def _dropout_hint(settings: dict[str, float]) -> str:
-    """How to enable dropout for this model: the setting its own config uses."""
-    key = next((k for k in _MAIN_DROPOUT_KEYS if k in settings), next(iter(settings), None))
-    if key == "lora_dropout":
-        return "set LoraConfig(lora_dropout=0.1) (or enable the base model's dropout)"
-    if key is not None:
-        return f"e.g. from_pretrained(..., {key}=0.1)"
-    return "add dropout to the model (nn.Dropout with p > 0)"
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None or self.shift_labels is not None
 
-
-#: Keys of padding-free (packed) batches: sequence boundaries that a doubled batch would
-#: not double.
-_PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-
-
-def _refuse_packed_batches(features: Mapping[str, Any]) -> None:
-    """Raise for padding-free (packed) batches: R-Drop's forward on ``[x; x]`` copies the
-    batch dimension, but a packed batch is one row of concatenated sequences whose
-    boundaries (``position_ids`` resets, ``cu_seq_lens_*``) would then be wrong."""
-    packed = [key for key in _PACKED_KEYS if key in features]
-    positions = features.get("position_ids")
-    if (
-        not packed
-        and isinstance(positions, Tensor)
-        and positions.ndim == 2
-        and positions.shape[-1] > 1
-        and bool((positions[:, 1:] < positions[:, :-1]).any())
-    ):
-        packed = ["position_ids (resets inside a row)"]
-    if packed:
-        raise ValueError(
-            f"R-Drop does not support packed (padding-free) batches, found {', '.join(packed)}: "
-            "one forward on [x; x] would not double the sequence boundaries. Use padded "
-            "batches: TRL SFTConfig(padding_free=False, packing=False), or a padding "
-            "collator instead of DataCollatorWithFlattening"
-        )
-
-
-def _add_decoder_inputs(model: nn.Module, features: dict[str, Any], labels: Any) -> None:
-    """For an encoder-decoder model, build ``decoder_input_ids`` from the labels as the
-    model itself does when it gets ``labels`` (``prepare_decoder_input_ids_from_labels``),
-    unless the collator already did: R-Drop removes ``labels`` before the forward, and
-    without decoder inputs the model would decode from the *source* ids."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "is_encoder_decoder", False) or not isinstance(labels, Tensor):
-        return
-    if "decoder_input_ids" in features or "decoder_inputs_embeds" in features:
-        return
-    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if prepare is None:
-        raise ValueError(
-            f"{type(model).__name__} is an encoder-decoder model without "
-            "prepare_decoder_input_ids_from_labels: give decoder_input_ids in the batch "
-            "(e.g. DataCollatorForSeq2Seq(tokenizer, model=model))"
-        )
-    features["decoder_input_ids"] = prepare(labels=labels)
+    def batch_size(self) -> int:
+        """Rows of the batch, from the labels (which must have a batch dimension)."""
+        target = self.labels if self.labels is not None else self.shift_labels
+        if not isinstance(target, Tensor) or target.ndim == 0:
+            raise ValueError(
+                f"the labels {self.label_name!r} must be a tensor with a batch dimension, "
+                f"got {type(target).__name__}"
+                + (f" of shape {tuple(target.shape)}" if isinstance(target, Tensor) else "")
+            )
+        return target.shape[0]
 
 
 class RDropTrainerMixin:
@@ -215,10 +201,7 @@ class RDropTrainerMixin:
         logits_key: LogitsGetter = None,
         **kwargs: Any,
     ) -> None:
-        if not callable(alpha):
-            alpha = check_alpha(alpha)
         check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
-        check_int("every_k_steps", every_k_steps, 1)
         if not callable(task) and task != "auto" and task not in _BUILTIN_TASKS:
             raise ValueError(
                 f"task must be 'auto', one of {_BUILTIN_TASKS} or a callable, got {task!r}"
@@ -227,9 +210,9 @@ class RDropTrainerMixin:
             raise ValueError(f"consistency must be None or one of {_KINDS}, got {consistency!r}")
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise TypeError(f"shift_labels must be None or a bool, got {shift_labels!r}")
-        self.rdrop_alpha: Alpha = alpha
+        #: Alpha and every-k per optimizer step: the rule of :class:`rdrop.RDrop`.
+        self.rdrop_schedule = ConsistencySchedule(alpha, every_k_steps)
         self.rdrop_num_passes = num_passes
-        self.rdrop_every_k_steps = every_k_steps
         self.rdrop_task: HFTask = task
         self.rdrop_consistency: ConsistencyKind | None = consistency
         self.rdrop_ignore_index = ignore_index
@@ -246,18 +229,153 @@ class RDropTrainerMixin:
                 "loss itself; pass task=<callable (logits, labels) -> loss> instead"
             )
         if not _TRAINER_HAS_GA_FLAG:
-            # Older transformers: with this False the Trainer divides the (per-batch mean)
+            # transformers < 5: with this False the Trainer divides the (per-batch mean)
             # loss by gradient_accumulation_steps exactly once.
             trainer.model_accepts_loss_kwargs = False
         if trainer.model is not None:
             self._rdrop_check_setup(trainer.model)
 
-    # -- options -------------------------------------------------------------------------
-    def _rdrop_alpha_at(self, step: int) -> float:
-        if not callable(self.rdrop_alpha):
-            return float(self.rdrop_alpha)
-        return check_scheduled_alpha(self.rdrop_alpha(step), step)
+    # -- the loss ------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """R-Drop loss in training (one forward on ``[x; x]``), task loss of one pass in eval.
 
+        Follows ``Trainer.compute_loss(model, inputs, return_outputs=False,
+        num_items_in_batch=None)``. With ``return_outputs=True`` in training, the outputs
+        are the model's raw output on the concatenated batch (``num_passes * B`` rows).
+        """
+        batch = self._rdrop_labeled_batch(model, inputs)
+        if not batch.has_labels:
+            if model.training:
+                raise ValueError(
+                    f"R-Drop needs labels in every training batch, but the batch has no "
+                    f"{batch.label_name!r} key (keys: {sorted(batch.features)}). Check that "
+                    "the dataset has a 'label'/'labels' column and TrainingArguments.label_names"
+                )
+            return super().compute_loss(  # type: ignore[misc]
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        if model.training:
+            loss, outputs = self._rdrop_training_loss(model, batch, num_items_in_batch)
+        else:
+            loss, outputs = self._rdrop_evaluation_loss(model, batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _rdrop_training_loss(
+        self, model: nn.Module, batch: _LabeledBatch, num_items_in_batch: Tensor | int | None
+    ) -> tuple[Tensor, Any]:
+        """The R-Drop objective on one forward of ``num_passes`` copies of the batch."""
+        trainer: Any = self
+        unwrapped = trainer.accelerator.unwrap_model(model)
+        self._rdrop_check_setup(unwrapped)
+        refuse_packed_batches(batch.features)
+        step = int(trainer.state.global_step)
+        alpha = self.rdrop_schedule.alpha_at(step)
+        use_rdrop = self.rdrop_schedule.applies_at(step)
+        passes, outputs = forward_passes(
+            model,
+            (),
+            batch.features,
+            batch_size=batch.batch_size(),
+            num_passes=self.rdrop_num_passes if use_rdrop else 1,
+            logits_key=self.rdrop_logits_key,
+            remedy="Fix the model, or lower per_device_train_batch_size if memory is the problem",
+            split_hint="select the logits with logits_key=",
+        )
+        shift = self._rdrop_shifts(unwrapped)
+        aligned = [self._rdrop_align(logits, batch, shift) for logits in passes]
+        passes, target = [logits for logits, _ in aligned], aligned[0][1]
+        task = self._rdrop_resolve_task(unwrapped, target)
+        result, n_local = self._rdrop_objective(passes, target, task, alpha)
+        result.logits, result.outputs = passes[0], outputs
+        self._rdrop_record(result, use_rdrop and n_local > 0, alpha)
+        counts_alike = self._rdrop_counts_like_trainer(task, batch, shift)
+        counted = num_items_in_batch if counts_alike else None
+        return scale_for_gradient_accumulation(result.loss, n_local, counted, trainer), outputs
+
+    def _rdrop_evaluation_loss(self, model: nn.Module, batch: _LabeledBatch) -> tuple[Tensor, Any]:
+        """The task loss of one ordinary pass."""
+        trainer: Any = self
+        unwrapped = trainer.accelerator.unwrap_model(model)
+        outputs = model(**batch.features)
+        logits = extract_logits(outputs, self.rdrop_logits_key)
+        logits, target = self._rdrop_align(logits, batch, self._rdrop_shifts(unwrapped))
+        task = self._rdrop_resolve_task(unwrapped, target)
+        loss = task_loss(
+            logits,
+            target,
+            task,
+            ignore_index=self.rdrop_ignore_index,
+            label_smoothing=self._rdrop_label_smoothing(task),
+        )
+        return loss, outputs
+
+    def _rdrop_objective(
+        self, passes: list[Tensor], target: Tensor, task: BuiltinTask | TaskLoss, alpha: float
+    ) -> tuple[RDropOutput, int]:
+        """The loss of the passes (R-Drop for two or more, the task loss for one) and the
+        number of items it averages."""
+        ignore, smoothing = self.rdrop_ignore_index, self._rdrop_label_smoothing(task)
+        n_local = int((target != ignore).sum()) if task == "cross_entropy" else target.numel()
+        if n_local == 0:  # nothing to learn from in this micro-batch: keep the graph, add 0
+            zero = passes[0].float().sum() * 0.0
+            return RDropOutput(zero, zero.detach(), zero.detach(), alpha), 0
+        if len(passes) == 1:
+            value = task_loss(
+                passes[0], target, task, ignore_index=ignore, label_smoothing=smoothing
+            )
+            return RDropOutput(value, value, value.new_zeros(()), alpha), n_local
+        result = rdrop_loss(
+            passes,
+            target,
+            alpha,
+            task=task,
+            consistency=self.rdrop_consistency,
+            ignore_index=ignore,
+            label_smoothing=smoothing,
+        )
+        return result, n_local
+
+    def _rdrop_counts_like_trainer(
+        self, task: BuiltinTask | TaskLoss, batch: _LabeledBatch, shift: bool
+    ) -> bool:
+        """Whether the Trainer's ``num_items_in_batch`` counts the items averaged here: it
+        counts ``labels != -100`` (of ``labels[..., 1:]`` when it thinks the model shifts,
+        of ``shift_labels`` when given)."""
+        # Trainer._loss_shifts_labels (private; transformers >= 5) is the Trainer's own
+        # decision to count shifted labels; absent before, where it counts all labels.
+        trainer_shifts = bool(getattr(self, "_loss_shifts_labels", False))
+        return (task != "cross_entropy" or self.rdrop_ignore_index == -100) and (
+            batch.shift_labels is not None or shift == trainer_shifts
+        )
+
+    # -- the batch -----------------------------------------------------------------------
+    def _rdrop_labeled_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> _LabeledBatch:
+        trainer: Any = self
+        label_name = self._rdrop_label_name()
+        features = dict(inputs)
+        labels = features.pop(label_name, None)
+        shift_labels = features.pop("shift_labels", None)
+        add_decoder_inputs(trainer.accelerator.unwrap_model(model), features, labels)
+        return _LabeledBatch(features, labels, shift_labels, label_name)
+
+    def _rdrop_align(
+        self, logits: Tensor, batch: _LabeledBatch, shift: bool
+    ) -> tuple[Tensor, Tensor]:
+        """(logits, target) with causal-LM shifting applied."""
+        if batch.shift_labels is not None:
+            return logits, batch.shift_labels
+        assert batch.labels is not None
+        if shift:
+            return logits[..., :-1, :], batch.labels[..., 1:]
+        return logits, batch.labels
+
+    # -- options -------------------------------------------------------------------------
     def _rdrop_label_name(self) -> str:
         names = list(getattr(self, "label_names", None) or ["labels"])
         if len(names) != 1:
@@ -303,7 +421,7 @@ class RDropTrainerMixin:
         config = getattr(model, "config", None)
         if getattr(config, "is_encoder_decoder", False):
             return False
-        if getattr(self, "_loss_shifts_labels", False) is True:
+        if getattr(self, "_loss_shifts_labels", False) is True:  # transformers >= 5
             return True
         try:
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -311,185 +429,13 @@ class RDropTrainerMixin:
             return False
         return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
-    # -- checks --------------------------------------------------------------------------
     def _rdrop_check_setup(self, model: nn.Module) -> None:
         if self._rdrop_checked:
             return
         self._rdrop_checked = True
-        modules, settings = _dropout_settings(model)
-        if modules or any(value > 0 for value in settings.values()):
-            return
-        if settings:
-            named = ", ".join(f"{key}={value}" for key, value in settings.items())
-            where = f"the model config sets {named}"
-        else:
-            where = "the model has no nn.Dropout module with p > 0 and no dropout setting"
-        warnings.warn(
-            f"R-Drop cannot work: {where}, so the {self.rdrop_num_passes} passes are identical, "
-            "the consistency term is 0 and training is a plain (costlier) fine-tune. Enable "
-            f"dropout: {_dropout_hint(settings)}",
-            RDropWarning,
-            stacklevel=3,
-        )
-
-    # -- the loss ------------------------------------------------------------------------
-    def _rdrop_align(
-        self, logits: Tensor, labels: Tensor | None, shift_labels: Tensor | None, shift: bool
-    ) -> tuple[Tensor, Tensor]:
-        """(logits, target) with causal-LM shifting applied."""
-        if shift_labels is not None:
-            return logits, shift_labels
-        assert labels is not None
-        if shift:
-            return logits[..., :-1, :], labels[..., 1:]
-        return logits, labels
-
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: Mapping[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: Tensor | int | None = None,
-    ) -> Tensor | tuple[Tensor, Any]:
-        """R-Drop loss in training (one forward on ``[x; x]``), task loss of one pass in eval.
-
-        Follows ``Trainer.compute_loss(model, inputs, return_outputs=False,
-        num_items_in_batch=None)``. With ``return_outputs=True`` in training, the outputs
-        are the model's raw output on the concatenated batch (``num_passes * B`` rows).
-        """
-        trainer: Any = self
-        label_name = self._rdrop_label_name()
-        features = dict(inputs)
-        labels = features.pop(label_name, None)
-        shift_labels = features.pop("shift_labels", None)
-        unwrapped = trainer.accelerator.unwrap_model(model)
-        _add_decoder_inputs(unwrapped, features, labels)
-
-        if not model.training:
-            if labels is None and shift_labels is None:
-                return super().compute_loss(  # type: ignore[misc]
-                    model,
-                    inputs,
-                    return_outputs=return_outputs,
-                    num_items_in_batch=num_items_in_batch,
-                )
-            outputs = model(**features)
-            logits, target = self._rdrop_align(
-                extract_logits(outputs, self.rdrop_logits_key),
-                labels,
-                shift_labels,
-                self._rdrop_shifts(unwrapped),
-            )
-            task = self._rdrop_resolve_task(unwrapped, target)
-            loss = task_loss(
-                logits,
-                target,
-                task,
-                ignore_index=self.rdrop_ignore_index,
-                label_smoothing=self._rdrop_label_smoothing(task),
-            )
-            return (loss, outputs) if return_outputs else loss
-
-        if labels is None and shift_labels is None:
-            raise ValueError(
-                f"R-Drop needs labels in every training batch, but the batch has no "
-                f"{label_name!r} key (keys: {sorted(features)}). Check that the dataset has "
-                "a 'label'/'labels' column and TrainingArguments.label_names"
-            )
-        self._rdrop_check_setup(unwrapped)
-        _refuse_packed_batches(features)
-        raw_target = labels if labels is not None else shift_labels
-        assert raw_target is not None
-        if not isinstance(raw_target, Tensor) or raw_target.ndim == 0:
-            raise ValueError(
-                f"the labels {label_name!r} must be a tensor with a batch dimension, got "
-                f"{type(raw_target).__name__}"
-                + (f" of shape {tuple(raw_target.shape)}" if isinstance(raw_target, Tensor) else "")
-            )
-        batch_size = raw_target.shape[0]
-        step = int(trainer.state.global_step)
-        alpha = self._rdrop_alpha_at(step)
-        use_rdrop = step % self.rdrop_every_k_steps == 0
-        m = self.rdrop_num_passes if use_rdrop else 1
-        try:
-            outputs = model(**(repeat_batch(features, batch_size, m) if m > 1 else features))
-        except RuntimeError as error:
-            if m == 1:
-                raise
-            raise RuntimeError(
-                f"the model failed on the concatenated R-Drop batch of {m} x {batch_size} rows "
-                f"({type(error).__name__}: {error}). R-Drop runs one forward on num_passes "
-                f"copies of the batch; the model must accept a batch of {m * batch_size} rows "
-                f"(no buffers of a fixed batch size). Fix the model, or lower "
-                "per_device_train_batch_size if memory is the problem"
-            ) from error
-        logits = extract_logits(outputs, self.rdrop_logits_key)
-        split = split_passes(logits, batch_size, m, "select the logits with logits_key=")
-        shift = self._rdrop_shifts(unwrapped)
-        pairs = [self._rdrop_align(p, labels, shift_labels, shift) for p in split]
-        passes = [p for p, _ in pairs]
-        target = pairs[0][1]
-        task = self._rdrop_resolve_task(unwrapped, target)
-        smoothing = self._rdrop_label_smoothing(task)
-
-        counts_items = task == "cross_entropy"
-        n_local = int((target != self.rdrop_ignore_index).sum()) if counts_items else target.numel()
-        if n_local == 0:  # nothing to learn from in this micro-batch: keep the graph, add 0
-            zero = logits.float().sum() * 0.0
-            result = RDropOutput(zero, zero.detach(), zero.detach(), alpha)
-        elif m > 1:
-            result = rdrop_loss(
-                passes,
-                target,
-                alpha,
-                task=task,
-                consistency=self.rdrop_consistency,
-                ignore_index=self.rdrop_ignore_index,
-                label_smoothing=smoothing,
-            )
-        else:
-            value = task_loss(
-                passes[0],
-                target,
-                task,
-                ignore_index=self.rdrop_ignore_index,
-                label_smoothing=smoothing,
-            )
-            result = RDropOutput(value, value, value.new_zeros(()), alpha)
-        result.logits, result.outputs = passes[0], outputs
-        self._rdrop_record(result, use_rdrop and n_local > 0, alpha)
-        # The Trainer counts ``labels != -100`` (of ``labels[..., 1:]`` when it thinks the
-        # model shifts, of ``shift_labels`` when given); use its count only when it counts
-        # exactly the items averaged here.
-        counted_alike = (task != "cross_entropy" or self.rdrop_ignore_index == -100) and (
-            shift_labels is not None or shift == bool(getattr(self, "_loss_shifts_labels", False))
-        )
-        loss = self._rdrop_scale_for_accumulation(
-            result.loss, n_local, num_items_in_batch if counted_alike else None
-        )
-        return (loss, outputs) if return_outputs else loss
-
-    def _rdrop_scale_for_accumulation(
-        self,
-        loss: Tensor,
-        n_local: int,
-        num_items_in_batch: Tensor | int | None,
-    ) -> Tensor:
-        """Scale the per-micro-batch mean so the accumulated gradient is the full-batch mean."""
-        if not _TRAINER_HAS_GA_FLAG:
-            return loss  # the Trainer divides by gradient_accumulation_steps
-        trainer: Any = self
-        args = trainer.args
-        if num_items_in_batch is not None and args.n_gpu <= 1:
-            loss = loss * n_local / num_items_in_batch
-            if getattr(args, "average_tokens_across_devices", False):
-                # num_items_in_batch is the count over all processes, while DDP averages
-                # the gradients: undo that average (as Trainer.compute_loss does).
-                tp_size = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
-                loss = loss * (trainer.accelerator.num_processes // max(tp_size, 1))
-            return loss
-        steps = getattr(trainer, "current_gradient_accumulation_steps", None)
-        return loss / (steps or args.gradient_accumulation_steps)
+        message = missing_dropout_message(model, self.rdrop_num_passes)
+        if message is not None:
+            warnings.warn(message, RDropWarning, stacklevel=3)
 
     # -- logging -------------------------------------------------------------------------
     def _rdrop_reset_logs(self) -> None:
@@ -500,6 +446,7 @@ class RDropTrainerMixin:
         self._rdrop_last_alpha: float | None = None
 
     def _rdrop_record(self, result: RDropOutput, has_consistency: bool, alpha: float) -> None:
+        """Add a step's terms to the sums logged next; device tensors, no host sync."""
         task_value = result.task_loss.detach().float()
         self._rdrop_task_sum = (
             task_value if self._rdrop_task_sum is None else self._rdrop_task_sum + task_value
@@ -535,7 +482,7 @@ class RDropTrainerMixin:
             logs["task_loss"] = task_sum / max(task_n, 1.0)
             if cons_n:
                 logs["consistency_loss"] = cons_sum / cons_n
-            if callable(self.rdrop_alpha) and self._rdrop_last_alpha is not None:
+            if callable(self.rdrop_schedule.alpha) and self._rdrop_last_alpha is not None:
                 logs["rdrop_alpha"] = self._rdrop_last_alpha
             self._rdrop_reset_logs()
         super().log(logs, *args, **kwargs)  # type: ignore[misc]

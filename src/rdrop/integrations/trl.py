@@ -83,6 +83,8 @@ class RDropSFTTrainer(RDropTrainerMixin, SFTTrainer):
             count = gather(valid.sum()).sum()
             entropy_sum = gather((entropy * valid).sum()).sum()
             correct_sum = gather(correct.sum()).sum()
+        # SFTTrainer._metrics, ._total_train_tokens and ._tp_size are TRL-private (TRL 1.x):
+        # the only place its logged training metrics live.
         metrics = self._metrics["train"]
         metrics["entropy"].append((entropy_sum / count).item() if count > 0 else 0.0)
         metrics["mean_token_accuracy"].append((correct_sum / count).item() if count > 0 else 0.0)
