@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -60,8 +60,9 @@ from torch import nn
 import rdrop
 from rdrop_lab.config import ConfigError, RunConfig, config_value, is_plain_rdrop
 from rdrop_lab.data_regimes import select_training_data
-from rdrop_lab.methods import RunContext, get_method
+from rdrop_lab.methods import Method, RunContext, get_method
 from rdrop_lab.progress import Progress
+from rdrop_lab.record import SCHEMA, RunRecord
 from rdrop_lab.resume import (
     ResumeError,
     load_resume_state,
@@ -70,6 +71,7 @@ from rdrop_lab.resume import (
 )
 from rdrop_lab.store import ResultStore, environment
 from rdrop_lab.tasks import Example, Task, get_task
+from rdrop_lab.tasks.base import TaskData
 
 __all__ = [
     "check_run",
@@ -202,6 +204,12 @@ def _clone_state(model: nn.Module) -> State:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+#: One training step's (loss, task loss, consistency loss): detached tensors, read back
+#: from the device only at curve, evaluation and checkpoint points (plain floats once a
+#: resumable checkpoint has held them; the consistency loss is ``None`` without one).
+StepLosses = list[Any]
+
+
 @dataclass
 class _LoopState:
     """Everything the training loop changes, so a run can stop and resume exactly."""
@@ -214,8 +222,9 @@ class _LoopState:
     epoch_order: list[int] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     curve: list[dict[str, Any]] = field(default_factory=list)
-    #: (loss, task loss, consistency loss) of the steps since the last evaluation.
-    window: list[list[float | None]] = field(default_factory=list)
+    #: The :data:`StepLosses` of the steps since the last evaluation (consecutive steps
+    #: ending at ``step``).
+    window: list[StepLosses] = field(default_factory=list)
     best_all: int | None = None
     best_epochs: int | None = None
     best_time: int | None = None
@@ -226,10 +235,25 @@ class _LoopState:
     resumes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The state as JSON values (the window's losses read back as floats).
+
+        Returns:
+            ``{field: value}`` for every field.
+        """
+        data = dataclasses.asdict(replace(self, window=[]))
+        data["window"] = [[_host(value) for value in losses] for losses in self.window]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> _LoopState:
+        """The state :meth:`to_json` wrote.
+
+        Args:
+            data: the ``loop`` entry of a resumable checkpoint.
+
+        Returns:
+            The loop state.
+        """
         return cls(**data)
 
 
@@ -261,69 +285,147 @@ def _check_checkpoint_every(seconds: float) -> None:
         raise ConfigError(f"--checkpoint-every must be >= 0 seconds, got {seconds!r}")
 
 
-def _is_finite(value: float | None) -> bool:
-    return value is None or math.isfinite(value)
+# --------------------------------------------------------------------------- time budget
 
 
-def train_run(
+@dataclass(frozen=True)
+class _Budget:
+    """How long a run trains and how often it is measured."""
+
+    steps_per_epoch: int
+    #: Steps in ``epochs`` epochs: the equal-epochs budget.
+    planned: int
+    #: The most steps the run may take (``max_epochs``, or the equal-time cap).
+    max_steps: int
+    #: The equal-time budget in training seconds (``None``: no equal-time training).
+    seconds: float | None
+    #: The R-Drop runs the budget is the median of (``None``: none was looked up).
+    sources: list[str] | None
+    #: Steps between scheduled evaluations.
+    eval_interval: int
+    #: Steps between training-curve points.
+    curve_every: int
+
+
+def _plan_budget(
     config: RunConfig,
     store: ResultStore,
-    *,
-    data_dir: Path,
-    command: str = "",
-    progress: Progress | None = None,
-    units: float = 0.0,
-    checkpoint_dir: Path | None = None,
-    resume_file: Path | None = None,
-    checkpoint_every: float = 600.0,
-) -> dict[str, Any]:
-    """Train one run to completion and write its record; returns the record.
+    train_examples: int,
+    costs_like_rdrop: bool,
+    progress: Progress | None,
+) -> _Budget:
+    """The steps, the equal-time budget and the evaluation schedule of a run.
 
     Args:
         config: the run.
-        store: where its record goes (and where the equal-time budget's R-Drop runs are).
-        data_dir: the data folder.
-        command: the command line, recorded.
-        progress: the suite's progress display.
-        units: this run's share of the suite's progress units.
-        checkpoint_dir: where the selected model is saved (``--save-checkpoints``).
-        resume_file: the resumable checkpoint of this run (``None``: none is written).
-            When the file exists the run continues from it; it is deleted once the record
-            is written.
-        checkpoint_every: seconds (wall clock) between resumable checkpoints; 0 writes
-            one after every step.
+        store: where the equal-time budget's R-Drop runs are.
+        train_examples: the size of the training set.
+        costs_like_rdrop: whether the method costs what R-Drop costs per step.
+        progress: where to say that no equal-time budget was found.
+
+    Returns:
+        The run's budget.
     """
-    check_run(config)
-    _check_checkpoint_every(checkpoint_every)
-    task = get_task(config.task)
-    method = get_method(config.method)
-    costs_like_rdrop = method.costs_like_rdrop_for(config)
-    started = datetime.now(timezone.utc)
-    wall_start = time.perf_counter()
-    data, unlabeled = select_training_data(task, data_dir, config)
-    steps_per_epoch, planned = _planned_steps(config, len(data.train))
-    time_budget, budget_sources = None, None
-    # Converging runs train to their own early stop; the report answers any time budget
-    # from their validation curves.
-    if config.equal_time and not costs_like_rdrop and not config.converges:
-        sources = time_budget_sources(config, store)
-        budget_sources = sorted(sources)
-        time_budget = _median_budget(sources)
-        if time_budget is None and progress is not None:
-            progress.message(
-                f"{config.run_id()}: no finished plain R-Drop run with the same data, epochs "
-                f"and torch threads in {store.runs_dir}, so this run gets no equal-time "
-                "selection (its record will not be redone later): run R-Drop first"
-            )
+    steps_per_epoch, planned = _planned_steps(config, train_examples)
+    seconds, sources = _equal_time_budget(config, store, costs_like_rdrop, progress)
+    eval_interval = max(1, steps_per_epoch // config.evals_per_epoch)
+    return _Budget(
+        steps_per_epoch=steps_per_epoch,
+        planned=planned,
+        max_steps=_max_steps(config, steps_per_epoch, planned, seconds),
+        seconds=seconds,
+        sources=sources,
+        eval_interval=eval_interval,
+        curve_every=max(1, eval_interval // 4),
+    )
+
+
+def _equal_time_budget(
+    config: RunConfig, store: ResultStore, costs_like_rdrop: bool, progress: Progress | None
+) -> tuple[float | None, list[str] | None]:
+    """The equal-time budget in seconds and the run ids it comes from.
+
+    Returns:
+        ``(None, None)`` for a run that needs none: equal time off, a method that costs
+        what R-Drop costs, or a converging run (it trains to its own early stop, and the
+        report answers any time budget from its validation curve). ``(None, [])`` when
+        no R-Drop run to take it from is finished (with a message).
+    """
+    if not config.equal_time or costs_like_rdrop or config.converges:
+        return None, None
+    sources = time_budget_sources(config, store)
+    seconds = _median_budget(sources)
+    if seconds is None and progress is not None:
+        progress.message(
+            f"{config.run_id()}: no finished plain R-Drop run with the same data, epochs "
+            f"and torch threads in {store.runs_dir}, so this run gets no equal-time "
+            "selection (its record will not be redone later): run R-Drop first"
+        )
+    return seconds, sorted(sources)
+
+
+def _max_steps(
+    config: RunConfig, steps_per_epoch: int, planned: int, budget_seconds: float | None
+) -> int:
+    """The step cap: ``max_epochs`` for a converging run, ``max_time_factor`` times the
+    planned steps for a run with an equal-time budget, else the planned steps."""
     if config.converges:
         max_epochs = config.max_epochs if config.max_epochs is not None else config.epochs
-        max_steps = max(planned, math.ceil(max_epochs * steps_per_epoch))
-    elif time_budget is None:
-        max_steps = planned
-    else:
-        max_steps = math.ceil(planned * config.max_time_factor)
-    eval_interval = max(1, steps_per_epoch // config.evals_per_epoch)
+        return max(planned, math.ceil(max_epochs * steps_per_epoch))
+    if budget_seconds is None:
+        return planned
+    return math.ceil(planned * config.max_time_factor)
 
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Training:
+    """The live objects of one run: model, optimizer, data and random streams."""
+
+    config: RunConfig
+    task: Task
+    data: TaskData
+    model: nn.Module
+    collate: Callable[..., Any]
+    context: RunContext
+    #: The method's forward and backward for one batch.
+    train_step: Callable[..., Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    #: The order of the training examples, epoch after epoch.
+    order_rng: torch.Generator
+    #: The probe's fixed batch of training examples and its consistency mask.
+    probe_inputs: dict[str, Any]
+    probe_mask: Any
+    #: Where the selected model is saved (``None``: it is not).
+    checkpoint_dir: Path | None
+
+
+def _build_training(
+    config: RunConfig,
+    task: Task,
+    method: Method,
+    data: TaskData,
+    unlabeled: Any,
+    planned: int,
+    checkpoint_dir: Path | None,
+) -> _Training:
+    """Seed, build the model and the method's step, the optimizer and the schedule.
+
+    Args:
+        config: the run.
+        task: its task.
+        method: its method.
+        data: its training, validation and test splits.
+        unlabeled: the unlabeled pool (semi-supervised methods) or ``None``.
+        planned: the planned steps (the warm-up is a share of them).
+        checkpoint_dir: where the selected model is saved (``None``: it is not).
+
+    Returns:
+        The run's live objects (the model in training mode).
+    """
     _seed_everything(config.seed)
     model, collate = task.build(dropout=config.dropout, max_length=config.max_length, data=data)
     context = RunContext(
@@ -341,220 +443,384 @@ def train_run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     order_rng = torch.Generator().manual_seed(config.seed)
     probe_inputs, probe_target = collate(data.train[: config.probe_size])
-    probe_mask = task.probe_mask(probe_target)
+    return _Training(
+        config=config,
+        task=task,
+        data=data,
+        model=model,
+        collate=collate,
+        context=context,
+        train_step=train_step,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        order_rng=order_rng,
+        probe_inputs=probe_inputs,
+        probe_mask=task.probe_mask(probe_target),
+        checkpoint_dir=checkpoint_dir,
+    )
 
-    state = _LoopState()
-    snapshots: dict[int, State] = {}
-    if resume_file is not None and resume_file.is_file():
-        resumed = _resume(resume_file, config, model, optimizer, scheduler, context, progress)
-        if resumed is not None:
-            state, snapshots, rng = resumed
-            _set_rng_state(rng, order_rng, context.generator)
-            state.resumes.append({"step": state.step, "train_seconds": state.train_seconds})
-    curve_every = max(1, eval_interval // 4)
-    expected = max_steps if (time_budget is not None or config.converges) else planned
-    consumed = units * min(1.0, state.step / max(expected, 1))
-    if progress is not None and consumed:
-        progress.advance(consumed)
-    model.train()
-    status = f"{task.name} {method.label}" + (f" α={config.alpha:g}" if method.uses_alpha else "")
-    status += f" seed {config.seed}"
-    primary, higher = task.primary_metric, task.higher_is_better
 
-    def do_eval(scheduled: bool) -> None:
-        validation = evaluate(model, data.validation, collate, task, config.eval_batch_size)
-        probe = rdrop.dropout_consistency(
-            model, **probe_inputs, consistency_mask=probe_mask, kind=task.consistency_kind
-        )
-        model.train()
-        window = state.window
+def _training_step(training: _Training, state: _LoopState) -> StepLosses | None:
+    """One optimizer step on the next batch of the epoch's order.
 
-        def mean_of(column: int) -> float | None:
-            values = [w[column] for w in window]
-            if not values or values[0] is None:
-                return None
-            return float(np.mean(values))
+    Returns:
+        The step's losses (detached, still on the device), or ``None`` when the method's
+        own loss check (R-Drop's) raised :class:`rdrop.NonFiniteLossError`: that step is
+        not taken.
+    """
+    config, train = training.config, training.data.train
+    if not state.epoch_order:
+        state.epoch_order = torch.randperm(len(train), generator=training.order_rng).tolist()
+    batch_indices = state.epoch_order[: config.batch_size]
+    state.epoch_order = state.epoch_order[config.batch_size :]
+    inputs, target = training.collate([train[i] for i in batch_indices])
+    tick_cpu, tick_wall = time.process_time(), time.perf_counter()
+    training.optimizer.zero_grad(set_to_none=True)
+    try:
+        out = training.train_step(inputs, target)  # forward and backward (FGM: two of each)
+    except rdrop.NonFiniteLossError:
+        return None
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(training.model.parameters(), config.max_grad_norm)
+    training.optimizer.step()
+    training.scheduler.step()
+    state.train_seconds += time.process_time() - tick_cpu
+    state.train_wall_seconds += time.perf_counter() - tick_wall
+    state.step += 1
+    consistency = None if out.consistency_loss is None else out.consistency_loss.detach()
+    return [out.loss.detach(), out.task_loss.detach(), consistency]
 
-        entry: dict[str, Any] = {
-            "step": state.step,
-            "epoch": state.step / steps_per_epoch,
-            "train_seconds": state.train_seconds,
-            "train_wall_seconds": state.train_wall_seconds,
-            "train_loss": mean_of(0),
-            "task_loss": mean_of(1),
-            "consistency_loss": mean_of(2),
-            "probe_kl": probe.consistency,
-            "validation": validation,
-            "scheduled": scheduled,
-        }
-        state.evals.append(entry)
-        state.window = []
-        index = len(state.evals) - 1
 
-        def improves(current: int | None) -> bool:
-            return current is None or _strictly_better(
-                validation[primary], state.evals[current]["validation"][primary], higher
-            )
+def _host(value: torch.Tensor | float | None) -> float | None:
+    """A loss as a Python float (for a tensor: a read back from the device)."""
+    return None if value is None else float(value)
 
-        if improves(state.best_all):
-            state.best_all = index
-            if config.converges:
-                # Every best-so-far checkpoint is the one some time budget selects: score it
-                # now (selection never reads the test split) so the report can answer any
-                # budget after the fact.
-                entry["test"] = evaluate(
-                    model, data.test, collate, task, config.eval_batch_size, final=True
-                )
-                if checkpoint_dir is not None:
-                    _save_checkpoint(model, checkpoint_dir / f"{config.run_id()}.safetensors")
-        # Equal epochs chooses among the scheduled evaluations only, so a method that
-        # reaches the time budget early does not get one more candidate than the others.
-        if scheduled and state.step <= planned and improves(state.best_epochs):
-            state.best_epochs = index
-        if config.converges:
-            since_best = index - (state.best_all if state.best_all is not None else index)
-            if (
-                config.patience is not None
-                and since_best >= config.patience
-                and state.step >= config.min_steps
-            ):
-                state.stopped_early = True
+
+def _first_nonfinite(window: list[StepLosses]) -> int | None:
+    """The index of the first step in ``window`` with a NaN or infinite loss (``None``:
+    all finite). One device read for the whole window; the steps are looked at one by one
+    only when some loss is not finite. Floats in the window (restored from a resumable
+    checkpoint) were checked before the checkpoint was written."""
+    tensors = [
+        value.float().reshape(()) for losses in window for value in losses
+        if isinstance(value, torch.Tensor)
+    ]  # fmt: skip
+    if not tensors or bool(torch.isfinite(torch.stack(tensors)).all()):
+        return None
+    for index, losses in enumerate(window):
+        if not all(math.isfinite(v) for v in map(_host, losses) if v is not None):
+            return index
+    return None
+
+
+def _stop_at_divergence(state: _LoopState) -> bool:
+    """Whether a loss in the window is not finite; if so the run is marked diverged at
+    the first such step.
+
+    The losses are read from the device only at curve, evaluation and checkpoint points,
+    so the steps between the first non-finite loss and this check were trained too. A
+    diverged run's model is discarded, and its record counts the steps up to the
+    divergence (``steps == diverged_at_step``, what a check at every step gives); the
+    seconds of the steps after it stay in ``train_seconds``.
+
+    Returns:
+        ``True`` when the run diverged (``state.diverged_at`` set, ``state.step`` the
+        step that diverged).
+    """
+    index = _first_nonfinite(state.window)
+    if index is None:
+        return False
+    state.diverged_at = state.step - len(state.window) + 1 + index
+    state.step = state.diverged_at
+    del state.window[index:]
+    return True
+
+
+def _curve_point(state: _LoopState) -> dict[str, Any]:
+    """The training-curve entry of the latest step."""
+    loss, task_loss, consistency = map(_host, state.window[-1])
+    return {
+        "step": state.step,
+        "train_seconds": state.train_seconds,
+        "loss": loss,
+        "task_loss": task_loss,
+        "consistency_loss": consistency,
+    }
+
+
+class _StepPlan(NamedTuple):
+    """What follows a training step."""
+
+    #: A scheduled evaluation: every ``eval_interval`` steps and at the planned end.
+    scheduled: bool
+    #: Training ends after this step.
+    finished: bool
+    #: This step reached the equal-time budget.
+    budget_crossed: bool
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the step is followed by an evaluation."""
+        return self.scheduled or self.finished or self.budget_crossed
+
+
+def _plan_step(config: RunConfig, budget: _Budget, state: _LoopState) -> _StepPlan:
+    """Whether the step just taken is evaluated and whether training ends there.
+
+    A converging run trains to ``max_steps`` (or its early stop). Any other run trains
+    its planned steps, and with an equal-time budget on until the budget (or the
+    ``max_time_factor`` cap) is reached.
+    """
+    step = state.step
+    if config.converges:
+        scheduled = step % budget.eval_interval == 0 or step in (budget.planned, budget.max_steps)
+        return _StepPlan(scheduled, step >= budget.max_steps, False)
+    seconds = budget.seconds
+    over_budget = seconds is not None and state.train_seconds >= seconds
+    finished = step >= budget.planned and (
+        seconds is None or over_budget or step >= budget.max_steps
+    )
+    scheduled = step % budget.eval_interval == 0 or step == budget.planned
+    return _StepPlan(scheduled, finished, over_budget and state.time_cut is None)
+
+
+class _ProgressShare:
+    """This run's share of the suite's progress units, advanced step by step."""
+
+    def __init__(
+        self, progress: Progress | None, units: float, expected: int, done: int, status: str
+    ) -> None:
+        """Args:
+        progress: the suite's display (``None``: nothing is shown).
+        units: this run's share of the suite's units.
+        expected: the steps the run is expected to take.
+        done: the steps already taken (a resumed run).
+        status: the run's label on the display.
+        """
+        self.progress, self.units, self.expected, self.status = progress, units, expected, status
+        self.consumed = units * min(1.0, done / max(expected, 1))
+        if progress is not None and self.consumed:
+            progress.advance(self.consumed)
+
+    def advance(self, step: int) -> None:
+        """Count one more step (``step``: the steps taken)."""
+        if self.progress is None:
             return
-        if index in (state.best_all, state.best_epochs):
-            snapshots[index] = _clone_state(model)
-        if state.time_cut is None:
-            state.best_time = state.best_all
-            if time_budget is not None and state.train_seconds >= time_budget:
-                state.time_cut = index
-        for key in list(snapshots):
-            if key not in (state.best_all, state.best_epochs, state.best_time):
-                del snapshots[key]
+        share = min(self.units / max(self.expected, 1), self.units - self.consumed)
+        self.consumed += share
+        self.progress.advance(share, f"{self.status} | step {step}/{self.expected}")
 
+    def finish(self) -> None:
+        """Count what is left of the share (a run that ended early)."""
+        if self.progress is not None and self.units > self.consumed:
+            self.progress.advance(self.units - self.consumed)
+
+
+def _status_text(task: Task, method: Method, config: RunConfig) -> str:
+    """The run's label on the progress display: task, method, alpha, seed."""
+    alpha = f" α={config.alpha:g}" if method.uses_alpha else ""
+    return f"{task.name} {method.label}{alpha} seed {config.seed}"
+
+
+def _train_loop(
+    training: _Training,
+    budget: _Budget,
+    state: _LoopState,
+    snapshots: dict[int, State],
+    share: _ProgressShare,
+    resume_file: Path | None,
+    checkpoint_every: float,
+) -> None:
+    """Train until the run finishes, stops early or diverges.
+
+    Args:
+        training: the run's live objects.
+        budget: its steps and evaluation schedule.
+        state: the loop state (changed in place).
+        snapshots: the models kept for selection, by evaluation index (changed in place).
+        share: the run's progress.
+        resume_file: where resumable checkpoints go (``None``: none are written).
+        checkpoint_every: wall-clock seconds between resumable checkpoints.
+    """
     last_save = time.monotonic()
     while True:
-        if not state.epoch_order:
-            state.epoch_order = torch.randperm(len(data.train), generator=order_rng).tolist()
-        batch_indices = state.epoch_order[: config.batch_size]
-        state.epoch_order = state.epoch_order[config.batch_size :]
-        inputs, target = collate([data.train[i] for i in batch_indices])
-        tick_cpu, tick_wall = time.process_time(), time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            out = train_step(inputs, target)  # forward and backward (FGM: two of each)
-        except rdrop.NonFiniteLossError:
-            state.diverged_at = state.step + 1
-            break
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        state.train_seconds += time.process_time() - tick_cpu
-        state.train_wall_seconds += time.perf_counter() - tick_wall
-        state.step += 1
-        step = state.step
-        consistency = None if out.consistency_loss is None else float(out.consistency_loss.detach())
-        loss_value, task_value = float(out.loss.detach()), float(out.task_loss.detach())
-        if not all(map(_is_finite, (loss_value, task_value, consistency))):
-            state.diverged_at = step
-            break
-        state.window.append([loss_value, task_value, consistency])
-        if step % curve_every == 0:
-            state.curve.append(
-                {
-                    "step": step,
-                    "train_seconds": state.train_seconds,
-                    "loss": loss_value,
-                    "task_loss": task_value,
-                    "consistency_loss": consistency,
-                }
-            )
-        if config.converges:
-            finished = step >= max_steps
-            budget_crossed = False
-            scheduled = step % eval_interval == 0 or step in (planned, max_steps)
-        else:
-            finished = step >= planned and (
-                time_budget is None or state.train_seconds >= time_budget or step >= max_steps
-            )
-            budget_crossed = (
-                time_budget is not None
-                and state.time_cut is None
-                and state.train_seconds >= time_budget
-            )
-            scheduled = step % eval_interval == 0 or step == planned
-        if scheduled or finished or budget_crossed:
-            do_eval(scheduled)
-        if progress is not None:
-            share = min(units / max(expected, 1), units - consumed)
-            consumed += share
-            progress.advance(share, f"{status} | step {step}/{expected}")
-        if finished or state.stopped_early:
-            break
+        losses = _training_step(training, state)
+        if losses is None:
+            if not _stop_at_divergence(state):
+                state.diverged_at = state.step + 1
+            return
+        state.window.append(losses)
+        plan = _plan_step(training.config, budget, state)
+        at_curve = state.step % budget.curve_every == 0
+        if (at_curve or plan.evaluates) and _stop_at_divergence(state):
+            return
+        if at_curve:
+            state.curve.append(_curve_point(state))
+        if plan.evaluates:
+            _evaluate_point(training, budget, state, snapshots, scheduled=plan.scheduled)
+        share.advance(state.step)
+        if plan.finished or state.stopped_early:
+            return
         if resume_file is not None and time.monotonic() - last_save >= checkpoint_every:
-            _save_resume(resume_file, config, state, snapshots, model, optimizer, scheduler,
-                         context, order_rng)  # fmt: skip
+            if _stop_at_divergence(state):  # a checkpoint holds finite losses only
+                return
+            _save_resume(resume_file, training, state, snapshots)
             last_save = time.monotonic()
 
-    if progress is not None and units > consumed:
-        progress.advance(units - consumed)
 
-    if state.diverged_at is not None:
-        selections: dict[str, Any] = {"equal_epochs": None, "equal_time": None}
-        if config.converges:
-            selections["converged"] = None
-    elif config.converges:
-        selections = _converged_selections(state)
-    else:
-        selections = _budget_selections(
-            config, state, snapshots, model, data, collate, task, costs_like_rdrop,
-            time_budget, planned, checkpoint_dir,
-        )  # fmt: skip
+# --------------------------------------------------------------------------- evaluation
 
-    step = state.step
-    record = {
-        "schema": 2,
-        "run_id": config.run_id(),
-        "command": command,
-        "config": config.to_dict(),
-        "task": {**task.describe(), **data.info},
-        "evals": state.evals,
-        "train_curve": state.curve,
-        "steps": step,
-        "planned_steps": planned,
-        "max_steps": max_steps,
-        "epochs_run": step / steps_per_epoch,
-        "steps_per_epoch": steps_per_epoch,
-        "clock": TRAINING_CLOCK,
+
+def _window_mean(window: list[StepLosses], column: int) -> float | None:
+    """The mean of one loss over the window (``None``: no steps, or no such loss)."""
+    if not window or window[0][column] is None:
+        return None
+    return float(np.mean([_host(losses[column]) for losses in window]))
+
+
+def _score_test(training: _Training) -> dict[str, float]:
+    """The test metrics of the model as it is now (selected checkpoints only)."""
+    t = training
+    return evaluate(t.model, t.data.test, t.collate, t.task, t.config.eval_batch_size, final=True)
+
+
+def _save_selected_model(training: _Training) -> None:
+    """Save the model as it is now to ``--save-checkpoints``' folder, if one is given."""
+    if training.checkpoint_dir is not None:
+        path = training.checkpoint_dir / f"{training.config.run_id()}.safetensors"
+        _save_checkpoint(training.model, path)
+
+
+def _evaluation_entry(
+    training: _Training, budget: _Budget, state: _LoopState, scheduled: bool
+) -> dict[str, Any]:
+    """Validation metrics, the probe and the window's mean losses at the current step."""
+    t = training
+    validation = evaluate(t.model, t.data.validation, t.collate, t.task, t.config.eval_batch_size)
+    probe = rdrop.dropout_consistency(
+        t.model, **t.probe_inputs, consistency_mask=t.probe_mask, kind=t.task.consistency_kind
+    )
+    t.model.train()
+    return {
+        "step": state.step,
+        "epoch": state.step / budget.steps_per_epoch,
         "train_seconds": state.train_seconds,
         "train_wall_seconds": state.train_wall_seconds,
-        "seconds_per_step": state.train_seconds / max(step, 1),
-        "wall_seconds": time.perf_counter() - wall_start,
-        "time_budget_seconds": time_budget,
-        "time_budget_sources": budget_sources,
-        "time_budget_reached": (
-            None if time_budget is None else state.train_seconds >= time_budget
-        ),
-        "converged": state.stopped_early if config.converges else None,
-        "stop_reason": _stop_reason(config, state, time_budget),
-        "diverged": state.diverged_at is not None,
-        "diverged_at_step": state.diverged_at,
-        "resumes": state.resumes,
-        "selections": selections,
-        "method_info": {
-            "name": method.name,
-            "label": method.label,
-            "costs_like_rdrop": costs_like_rdrop,
-            "settings": method.settings(task, config),
-            **context.counters,
-        },
-        "environment": environment(),
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "train_loss": _window_mean(state.window, 0),
+        "task_loss": _window_mean(state.window, 1),
+        "consistency_loss": _window_mean(state.window, 2),
+        "probe_kl": probe.consistency,
+        "validation": validation,
+        "scheduled": scheduled,
     }
-    store.write(record)
-    if resume_file is not None:
-        resume_file.unlink(missing_ok=True)
-    return record
+
+
+def _evaluate_point(
+    training: _Training,
+    budget: _Budget,
+    state: _LoopState,
+    snapshots: dict[int, State],
+    *,
+    scheduled: bool,
+) -> None:
+    """Evaluate the model, start a new loss window, and update the best checkpoints and
+    the early stop (a converging run) or the snapshots kept for selection (any other).
+
+    Args:
+        training: the run's live objects.
+        budget: its steps and schedule.
+        state: the loop state (changed in place).
+        snapshots: the models kept for selection (changed in place).
+        scheduled: whether this is a scheduled evaluation (equal epochs chooses among
+            those only).
+    """
+    state.evals.append(_evaluation_entry(training, budget, state, scheduled))
+    state.window = []
+    index = len(state.evals) - 1
+    _update_best(training, budget, state, index)
+    if not training.config.converges:
+        _keep_snapshots(training.model, budget, state, snapshots, index)
+    elif _patience_ran_out(training.config, state, index):
+        state.stopped_early = True
+
+
+def _update_best(training: _Training, budget: _Budget, state: _LoopState, index: int) -> None:
+    """Make evaluation ``index`` the best of the run and/or of the equal-epochs budget
+    when its validation score beats theirs (a tie keeps the earlier one)."""
+    entry = state.evals[index]
+    primary, higher = training.task.primary_metric, training.task.higher_is_better
+
+    def improves(current: int | None) -> bool:
+        return current is None or _strictly_better(
+            entry["validation"][primary], state.evals[current]["validation"][primary], higher
+        )
+
+    if improves(state.best_all):
+        state.best_all = index
+        if training.config.converges:
+            # Every best-so-far checkpoint is the one some time budget selects: score it
+            # now (selection never reads the test split) so the report can answer any
+            # budget after the fact.
+            entry["test"] = _score_test(training)
+            _save_selected_model(training)
+    # Equal epochs chooses among the scheduled evaluations only, so a method that reaches
+    # the time budget early does not get one more candidate than the others.
+    if entry["scheduled"] and state.step <= budget.planned and improves(state.best_epochs):
+        state.best_epochs = index
+
+
+def _patience_ran_out(config: RunConfig, state: _LoopState, index: int) -> bool:
+    """Whether ``patience`` evaluations in a row up to ``index`` brought no new best (and
+    the run is past ``min_steps``): a converging run stops there."""
+    since_best = index - (state.best_all if state.best_all is not None else index)
+    return (
+        config.patience is not None
+        and since_best >= config.patience
+        and state.step >= config.min_steps
+    )
+
+
+def _keep_snapshots(
+    model: nn.Module,
+    budget: _Budget,
+    state: _LoopState,
+    snapshots: dict[int, State],
+    index: int,
+) -> None:
+    """Copy the model at a new best, note the evaluation where the time budget was
+    reached, and drop the copies no selection can choose any more."""
+    if index in (state.best_all, state.best_epochs):
+        snapshots[index] = _clone_state(model)
+    if state.time_cut is None:
+        state.best_time = state.best_all
+        if budget.seconds is not None and state.train_seconds >= budget.seconds:
+            state.time_cut = index
+    for key in list(snapshots):
+        if key not in (state.best_all, state.best_epochs, state.best_time):
+            del snapshots[key]
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _select_checkpoints(
+    training: _Training,
+    budget: _Budget,
+    state: _LoopState,
+    snapshots: dict[int, State],
+    costs_like_rdrop: bool,
+) -> dict[str, Any]:
+    """The record's selections: ``None`` for each budget of a diverged run, else the
+    checkpoints of :func:`_converged_selections` or :func:`_budget_selections`."""
+    converges = training.config.converges
+    if state.diverged_at is not None:
+        names = ("equal_epochs", "equal_time", "converged") if converges else (
+            "equal_epochs", "equal_time"
+        )  # fmt: skip
+        return dict.fromkeys(names)
+    if converges:
+        return _converged_selections(state)
+    return _budget_selections(training, budget, state, snapshots, costs_like_rdrop)
 
 
 def _stop_reason(config: RunConfig, state: _LoopState, time_budget: float | None) -> str:
@@ -595,44 +861,178 @@ def _converged_selections(state: _LoopState) -> dict[str, Any]:
 
 
 def _budget_selections(
-    config: RunConfig,
+    training: _Training,
+    budget: _Budget,
     state: _LoopState,
     snapshots: dict[int, State],
-    model: nn.Module,
-    data: Any,
-    collate: Callable[..., Any],
-    task: Task,
     costs_like_rdrop: bool,
-    time_budget: float | None,
-    planned: int,
-    checkpoint_dir: Path | None,
 ) -> dict[str, Any]:
-    """The checkpoints do_eval kept: the best validation score among the scheduled
-    evaluations up to the planned epochs, and among all evaluations up to the one where
-    the time budget was reached (all of them when the max_time_factor cap stopped training
-    first; time_budget_reached then says so). The test split is scored once per selected
-    checkpoint."""
+    """The checkpoints :func:`_keep_snapshots` kept: the best validation score among the
+    scheduled evaluations up to the planned epochs, and among all evaluations up to the
+    one where the time budget was reached (all of them when the max_time_factor cap
+    stopped training first; time_budget_reached then says so). The test split is scored
+    once per selected checkpoint."""
     if state.best_epochs is None or state.best_time is None:
-        raise RuntimeError(f"{config.run_id()}: no evaluation was made (planned {planned} steps)")
+        raise RuntimeError(
+            f"{training.config.run_id()}: no evaluation was made (planned {budget.planned} steps)"
+        )
     chosen = {"equal_epochs": state.best_epochs}
     if costs_like_rdrop:
         # Same compute per step as R-Drop: equal epochs is equal time.
         chosen["equal_time"] = state.best_epochs
-    elif time_budget is not None:
+    elif budget.seconds is not None:
         chosen["equal_time"] = state.best_time
     selections: dict[str, Any] = {}
     test_scores: dict[int, dict[str, float]] = {}
-    for budget, index in chosen.items():
+    for name, index in chosen.items():
         if index not in test_scores:
-            model.load_state_dict(snapshots[index])
-            test_scores[index] = evaluate(
-                model, data.test, collate, task, config.eval_batch_size, final=True
-            )
-            if checkpoint_dir is not None and budget == "equal_epochs":
-                _save_checkpoint(model, checkpoint_dir / f"{config.run_id()}.safetensors")
-        selections[budget] = _selection_entry(state.evals, index, test_scores[index])
+            training.model.load_state_dict(snapshots[index])
+            test_scores[index] = _score_test(training)
+            if name == "equal_epochs":
+                _save_selected_model(training)
+        selections[name] = _selection_entry(state.evals, index, test_scores[index])
     selections.setdefault("equal_time", None)
     return selections
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def _run_record(
+    training: _Training,
+    method: Method,
+    budget: _Budget,
+    state: _LoopState,
+    selections: dict[str, Any],
+    *,
+    command: str,
+    started: datetime,
+    wall_start: float,
+    costs_like_rdrop: bool,
+) -> RunRecord:
+    """The record of a finished run.
+
+    Args:
+        training: the run's live objects.
+        method: its method.
+        budget: its steps and equal-time budget.
+        state: the loop state at the end.
+        selections: from :func:`_select_checkpoints`.
+        command: the command line.
+        started: when the run started (UTC).
+        wall_start: :func:`time.perf_counter` when the run started.
+        costs_like_rdrop: whether the method costs what R-Drop costs per step.
+
+    Returns:
+        The record (schema :data:`rdrop_lab.record.SCHEMA`).
+    """
+    config, task, step = training.config, training.task, state.step
+    time_budget = budget.seconds
+    return RunRecord(
+        schema=SCHEMA,
+        run_id=config.run_id(),
+        command=command,
+        config=config.to_dict(),
+        task={**task.describe(), **training.data.info},
+        evals=state.evals,
+        train_curve=state.curve,
+        steps=step,
+        planned_steps=budget.planned,
+        max_steps=budget.max_steps,
+        epochs_run=step / budget.steps_per_epoch,
+        steps_per_epoch=budget.steps_per_epoch,
+        clock=TRAINING_CLOCK,
+        train_seconds=state.train_seconds,
+        train_wall_seconds=state.train_wall_seconds,
+        seconds_per_step=state.train_seconds / max(step, 1),
+        wall_seconds=time.perf_counter() - wall_start,
+        time_budget_seconds=time_budget,
+        time_budget_sources=budget.sources,
+        time_budget_reached=(None if time_budget is None else state.train_seconds >= time_budget),
+        converged=state.stopped_early if config.converges else None,
+        stop_reason=_stop_reason(config, state, time_budget),
+        diverged=state.diverged_at is not None,
+        diverged_at_step=state.diverged_at,
+        resumes=state.resumes,
+        selections=selections,
+        method_info={
+            "name": method.name,
+            "label": method.label,
+            "costs_like_rdrop": costs_like_rdrop,
+            "settings": method.settings(task, config),
+            **training.context.counters,
+        },
+        environment=environment(),
+        started_at=started.isoformat(timespec="seconds"),
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def train_run(
+    config: RunConfig,
+    store: ResultStore,
+    *,
+    data_dir: Path,
+    command: str = "",
+    progress: Progress | None = None,
+    units: float = 0.0,
+    checkpoint_dir: Path | None = None,
+    resume_file: Path | None = None,
+    checkpoint_every: float = 600.0,
+) -> dict[str, Any]:
+    """Train one run to completion and write its record; returns the record.
+
+    Args:
+        config: the run.
+        store: where its record goes (and where the equal-time budget's R-Drop runs are).
+        data_dir: the data folder.
+        command: the command line, recorded.
+        progress: the suite's progress display.
+        units: this run's share of the suite's progress units.
+        checkpoint_dir: where the selected model is saved (``--save-checkpoints``).
+        resume_file: the resumable checkpoint of this run (``None``: none is written).
+            When the file exists the run continues from it; it is deleted once the record
+            is written.
+        checkpoint_every: seconds (wall clock) between resumable checkpoints; 0 writes
+            one after every step.
+
+    Returns:
+        The record as written to ``store`` (see :class:`rdrop_lab.record.RunRecord`).
+    """
+    check_run(config)
+    _check_checkpoint_every(checkpoint_every)
+    task = get_task(config.task)
+    method = get_method(config.method)
+    costs_like_rdrop = method.costs_like_rdrop_for(config)
+    started = datetime.now(timezone.utc)
+    wall_start = time.perf_counter()
+    data, unlabeled = select_training_data(task, data_dir, config)
+    budget = _plan_budget(config, store, len(data.train), costs_like_rdrop, progress)
+    training = _build_training(
+        config, task, method, data, unlabeled, budget.planned, checkpoint_dir
+    )
+    state, snapshots = _start_state(training, resume_file, progress)
+    # A run without an equal-time budget has max_steps == planned steps.
+    share = _ProgressShare(
+        progress, units, budget.max_steps, state.step, _status_text(task, method, config)
+    )
+    training.model.train()
+    _train_loop(training, budget, state, snapshots, share, resume_file, checkpoint_every)
+    share.finish()
+    selections = _select_checkpoints(training, budget, state, snapshots, costs_like_rdrop)
+    record = _run_record(
+        training, method, budget, state, selections,
+        command=command, started=started, wall_start=wall_start,
+        costs_like_rdrop=costs_like_rdrop,
+    )  # fmt: skip
+    written = record.to_dict()
+    store.write(written)
+    if resume_file is not None:
+        resume_file.unlink(missing_ok=True)
+    return written
+
+
+# --------------------------------------------------------------------------- resuming
 
 
 def _resumable_objects(context: RunContext) -> dict[str, Any]:
@@ -640,74 +1040,87 @@ def _resumable_objects(context: RunContext) -> dict[str, Any]:
 
 
 def _save_resume(
-    path: Path,
-    config: RunConfig,
-    state: _LoopState,
-    snapshots: dict[int, State],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    context: RunContext,
-    order_rng: torch.Generator,
+    path: Path, training: _Training, state: _LoopState, snapshots: dict[int, State]
 ) -> None:
+    """Write the run's resumable checkpoint (see :mod:`rdrop_lab.resume`)."""
+    t = training
     save_resume_state(
         path,
         {
-            "run_id": config.run_id(),
-            "config": config.to_dict(),
+            "run_id": t.config.run_id(),
+            "config": t.config.to_dict(),
             "loop": state.to_json(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(order_rng, context.generator),
+            "model": t.model.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "rng": _rng_state(t.order_rng, t.context.generator),
             "snapshots": snapshots,
-            "method": _resumable_objects(context),
-            "counters": dict(context.counters),
+            "method": _resumable_objects(t.context),
+            "counters": dict(t.context.counters),
         },
     )
 
 
+def _say(progress: Progress | None, text: str) -> None:
+    """A message on the progress display, or on stderr without one."""
+    if progress is not None:
+        progress.message(text)
+    else:
+        print(text, file=sys.stderr)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON reads it back (tuples and lists compare alike)."""
+    return json.loads(json.dumps(value))
+
+
+def _start_state(
+    training: _Training, resume_file: Path | None, progress: Progress | None
+) -> tuple[_LoopState, dict[int, State]]:
+    """A fresh loop state, or the one of the run's resumable checkpoint when it exists
+    and can be used (the model, optimizer and random streams are restored with it).
+
+    Returns:
+        ``(loop state, snapshots kept for selection)``.
+    """
+    if resume_file is None or not resume_file.is_file():
+        return _LoopState(), {}
+    resumed = _resume(resume_file, training, progress)
+    if resumed is None:
+        return _LoopState(), {}
+    state, snapshots, rng = resumed
+    _set_rng_state(rng, training.order_rng, training.context.generator)
+    state.resumes.append({"step": state.step, "train_seconds": state.train_seconds})
+    return state, snapshots
+
+
 def _resume(
-    path: Path,
-    config: RunConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    context: RunContext,
-    progress: Progress | None,
+    path: Path, training: _Training, progress: Progress | None
 ) -> tuple[_LoopState, dict[int, State], dict[str, Any]] | None:
     """Restore a run from its resumable checkpoint; ``None`` (with a message) when the
     file cannot be used, and the run starts again."""
-
-    def say(text: str) -> None:
-        if progress is not None:
-            progress.message(text)
-        else:
-            print(text, file=sys.stderr)
-
+    t = training
+    config = t.config
     try:
         saved = load_resume_state(path)
-
-        def plain(value: Any) -> Any:  # tuples and lists compare alike
-            return json.loads(json.dumps(value))
-
-        if saved.get("run_id") != config.run_id() or plain(saved.get("config")) != plain(
+        if saved.get("run_id") != config.run_id() or _plain(saved.get("config")) != _plain(
             config.to_dict()
         ):
             raise ResumeError(f"{path}: the checkpoint belongs to another run configuration")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        t.model.load_state_dict(saved["model"])
+        t.optimizer.load_state_dict(saved["optimizer"])
+        t.scheduler.load_state_dict(saved["scheduler"])
         for name, value in saved["method"].items():
-            context.resumable[name][1](value)
-        context.counters.update(saved["counters"])
+            t.context.resumable[name][1](value)
+        t.context.counters.update(saved["counters"])
         state = _LoopState.from_json(saved["loop"])
     except (ResumeError, KeyError, TypeError, ValueError, RuntimeError) as error:
-        say(f"{config.run_id()}: cannot resume ({error}); starting the run again")
+        _say(progress, f"{config.run_id()}: cannot resume ({error}); starting the run again")
         return None
-    say(
+    _say(
+        progress,
         f"resuming {config.run_id()} from step {state.step} "
-        f"({state.train_seconds:.0f} s of training done, {len(state.evals)} evaluations)"
+        f"({state.train_seconds:.0f} s of training done, {len(state.evals)} evaluations)",
     )
     return state, saved["snapshots"], saved["rng"]
 
