@@ -82,9 +82,9 @@ def test_chunked_symmetric_kl_double_backward() -> None:
 
     a = torch.randn(2 * N, V, dtype=F64)
     torch.testing.assert_close(
-        _penalised_grad(loss_of("chunked"), a), _penalised_grad(loss_of("reference"), a)
+        _penalised_grad(loss_of("fused"), a), _penalised_grad(loss_of("reference"), a)
     )
-    torch.testing.assert_close(_hvp(loss_of("chunked"), a), _hvp(loss_of("reference"), a))
+    torch.testing.assert_close(_hvp(loss_of("fused"), a), _hvp(loss_of("reference"), a))
 
 
 def test_linear_cross_entropy_double_backward_through_hidden_and_weight() -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import rdrop
 from tests import reference
 
-IMPLEMENTATIONS = ["reference", "chunked"]
+IMPLEMENTATIONS = ["reference", "fused"]
 
 
 def _logits(*shape: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
@@ -158,7 +158,7 @@ def test_chunked_matches_reference_value_and_gradient_across_chunks() -> None:
     ref = rdrop.symmetric_kl(a, b, mask=mask, implementation="reference")
     ga, gb = torch.autograd.grad(ref, (a, b))
     for chunk in (1, 5, 36, 37, 100):
-        got = rdrop.symmetric_kl(a, b, mask=mask, implementation="chunked", chunk_size=chunk)
+        got = rdrop.symmetric_kl(a, b, mask=mask, implementation="fused", chunk_size=chunk)
         ca, cb = torch.autograd.grad(got, (a, b))
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(ca, ga, rtol=1e-5, atol=1e-8)
@@ -168,7 +168,7 @@ def test_chunked_matches_reference_value_and_gradient_across_chunks() -> None:
 def test_chunked_gradient_only_for_inputs_that_need_it() -> None:
     a = _logits(4, 6, seed=19).requires_grad_()
     b = _logits(4, 6, seed=20)
-    rdrop.symmetric_kl(a, b, implementation="chunked").backward()
+    rdrop.symmetric_kl(a, b, implementation="fused").backward()
     ref_a = a.detach().clone().requires_grad_()
     rdrop.symmetric_kl(ref_a, b, implementation="reference").backward()
     torch.testing.assert_close(a.grad, ref_a.grad)
@@ -306,7 +306,7 @@ def test_compiles() -> None:
         ),
         (
             lambda: rdrop.symmetric_kl(
-                torch.zeros(2, 3), torch.zeros(2, 3), implementation="chunked", chunk_size=0
+                torch.zeros(2, 3), torch.zeros(2, 3), implementation="fused", chunk_size=0
             ),
             ValueError,
             "chunk_size",
@@ -324,3 +324,12 @@ def test_compiles() -> None:
 def test_bad_input_errors(call, error, pattern) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=pattern):
         call()
+
+
+def test_chunked_is_a_deprecated_alias_of_fused() -> None:
+    a, b = torch.randn(6, 9), torch.randn(6, 9)
+    with pytest.warns(
+        FutureWarning, match=r"implementation='chunked'\) is deprecated: use 'fused'"
+    ):
+        old = rdrop.symmetric_kl(a, b, implementation="chunked")
+    torch.testing.assert_close(old, rdrop.symmetric_kl(a, b, implementation="fused"))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import rdrop
-from rdrop import losses
+from rdrop import _fused_kernel
 from rdrop.fused import rdrop_cross_entropy, rdrop_linear_cross_entropy
 from tests.test_kl_kernel import assert_close_rel
 
@@ -177,14 +177,14 @@ def test_cross_entropy_errors(call, error, pattern) -> None:  # type: ignore[no-
 
 def test_rdrop_loss_auto_uses_fused_and_writes_one_gradient(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     calls: list[tuple[tuple[int, ...], bool]] = []
-    real = losses.fused_rows
+    real = _fused_kernel.fused_rows
 
     def spy(x, y, *args):  # type: ignore[no-untyped-def]
         calls.append((tuple(x.shape), y is None))
         return real(x, y, *args)
 
-    monkeypatch.setattr(losses, "fused_rows", spy)
-    batch, classes = 4, losses._FUSED_MIN_NUMEL // 4  # exactly at the auto threshold
+    monkeypatch.setattr(_fused_kernel, "fused_rows", spy)
+    batch, classes = 4, _fused_kernel.FUSED_MIN_NUMEL // 4  # exactly at the auto threshold
     logits = _logits(2 * batch, classes, seed=18).requires_grad_()
     target = _target(batch, classes=classes, seed=19)
     out = rdrop.rdrop_loss(list(logits.split(batch)), target, 1.0)
@@ -224,14 +224,14 @@ def test_concatenated_base_detection() -> None:
     x = torch.randn(8, 5, requires_grad=True)
     y = x * 1.0
     a, b = y.split(4)
-    assert losses._concatenated_base(a, b) is y
-    assert losses._concatenated_base(b, a) is None  # wrong order
-    assert losses._concatenated_base(*y[:, :3].split(4)) is None  # strided views
-    assert losses._concatenated_base(*y[:6].split(3)) is None  # not the whole tensor
-    assert losses._concatenated_base(y[:4].clone(), y[4:].clone()) is None
+    assert _fused_kernel.concatenated_base(a, b) is y
+    assert _fused_kernel.concatenated_base(b, a) is None  # wrong order
+    assert _fused_kernel.concatenated_base(*y[:, :3].split(4)) is None  # strided views
+    assert _fused_kernel.concatenated_base(*y[:6].split(3)) is None  # not the whole tensor
+    assert _fused_kernel.concatenated_base(y[:4].clone(), y[4:].clone()) is None
     tokens = torch.randn(8 * 3, 5).view(8, 3, 5)  # a view of a 2-D tensor
     a, b = tokens.chunk(2)
-    assert losses._concatenated_base(a, b) is tokens._base
+    assert _fused_kernel.concatenated_base(a, b) is tokens._base
 
 
 def test_fused_switch_errors_and_unsupported_configurations() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rdrop
-from rdrop import _kl_kernel
+from rdrop import _fused_kernel as _kl_kernel
 from tests import reference
 
 INF = float("inf")
@@ -27,7 +27,7 @@ def _value_and_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a = a.detach().clone().requires_grad_()
     b = b.detach().clone().requires_grad_()
-    kwargs = {"chunk_size": chunk_size} if impl == "chunked" else {}
+    kwargs = {"chunk_size": chunk_size} if impl == "fused" else {}
     value = rdrop.symmetric_kl(a, b, mask, reduction, implementation=impl, **kwargs)  # type: ignore[arg-type]
     scalar = value if weights is None else (value * weights).sum()
     ga, gb = torch.autograd.grad(scalar, (a, b))
@@ -46,7 +46,7 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -
 
 def _assert_matches_reference(a, b, mask=None, reduction="mean", weights=None, chunk_size=None):  # type: ignore[no-untyped-def]
     ref = _value_and_grads("reference", a, b, mask, reduction, weights)
-    got = _value_and_grads("chunked", a, b, mask, reduction, weights, chunk_size)
+    got = _value_and_grads("fused", a, b, mask, reduction, weights, chunk_size)
     for g, r in zip(got, ref):
         assert_close_rel(g, r)
 
@@ -79,7 +79,7 @@ def test_masked_rows_with_nan_and_inf_do_not_leak(dead_rows: int) -> None:
     a[0] = float("nan")
     b[0, 3] = INF
     a[dead_rows - 1, :5] = -INF  # one-sided -inf in a dead row
-    value, ga, gb = _value_and_grads("chunked", a, b, mask, "mean")
+    value, ga, gb = _value_and_grads("fused", a, b, mask, "mean")
     ref, ra, rb = _value_and_grads("reference", a, b, mask, "mean")
     assert torch.isfinite(value) and bool(torch.isfinite(ga).all() & torch.isfinite(gb).all())
     assert bool((ga[~mask] == 0).all()) and bool((gb[~mask] == 0).all())
@@ -94,7 +94,7 @@ def test_shared_neg_inf_classes_match_reference(chunk_size: int | None) -> None:
     banned[:, 7:] = True
     banned[2, 0] = True
     a, b = a.masked_fill(banned, -INF), b.masked_fill(banned, -INF)
-    value, ga, gb = _value_and_grads("chunked", a, b, chunk_size=chunk_size)
+    value, ga, gb = _value_and_grads("fused", a, b, chunk_size=chunk_size)
     ref, ra, rb = _value_and_grads("reference", a, b)
     for got, want in ((value, ref), (ga, ra), (gb, rb)):
         assert_close_rel(got, want)
@@ -105,7 +105,7 @@ def test_one_sided_neg_inf_is_inf_only_in_its_row() -> None:
     a, b = _logits(5, 6, seed=12), _logits(5, 6, seed=13)
     a[1, 2] = -INF
     b[3, 0] = -INF
-    value = rdrop.symmetric_kl(a, b, reduction="none", implementation="chunked", chunk_size=2)
+    value = rdrop.symmetric_kl(a, b, reduction="none", implementation="fused", chunk_size=2)
     assert value[1].item() == INF and value[3].item() == INF
     want = torch.from_numpy(reference.symmetric_kl(a, b)).float()
     keep = torch.tensor([True, False, True, False, True])
@@ -117,7 +117,7 @@ def test_one_sided_neg_inf_is_inf_only_in_its_row() -> None:
 def test_low_precision_inputs(dtype: torch.dtype, masked: bool) -> None:
     a, b = _logits(24, 50, seed=14).to(dtype), _logits(24, 50, seed=15).to(dtype)
     mask = (torch.arange(24) % 3 != 0) if masked else None  # 1/3 dead: the gather path
-    value, ga, gb = _value_and_grads("chunked", a, b, mask, chunk_size=5)
+    value, ga, gb = _value_and_grads("fused", a, b, mask, chunk_size=5)
     ref, ra, rb = _value_and_grads("reference", a.float(), b.float(), mask)
     assert value.dtype == torch.float32 and ga.dtype == dtype and gb.dtype == dtype
     torch.testing.assert_close(value, ref, rtol=1e-5, atol=1e-7)
@@ -134,7 +134,7 @@ def test_float64_gradcheck_with_masks_and_chunks() -> None:
         for chunk in (None, 2):
             assert torch.autograd.gradcheck(
                 lambda x, y, m=mask, c=chunk: rdrop.symmetric_kl(
-                    x, y, m, "none", implementation="chunked", chunk_size=c
+                    x, y, m, "none", implementation="fused", chunk_size=c
                 ),
                 (a, b),
             )
@@ -145,7 +145,7 @@ def test_non_contiguous_and_single_grad_inputs() -> None:
     a, b = base[:, ::2].t(), _logits(4, 12, seed=19)  # a is a transposed, strided view
     _assert_matches_reference(a, b, chunk_size=5)
     leaf = a.clone().requires_grad_()
-    rdrop.symmetric_kl(leaf, b, implementation="chunked").backward()
+    rdrop.symmetric_kl(leaf, b, implementation="fused").backward()
     ref = a.clone().requires_grad_()
     rdrop.symmetric_kl(ref, b, implementation="reference").backward()
     torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-7)
@@ -156,7 +156,7 @@ def test_accurate_when_the_passes_almost_agree() -> None:
     # whose terms are small, so it stays within 1e-5 of the float64 truth.
     a = _logits(16, 2000, seed=20, scale=4.0) + 30.0
     b = a + 1e-2 * _logits(16, 2000, seed=21, scale=1.0)
-    got = rdrop.symmetric_kl(a, b, reduction="none", implementation="chunked")
+    got = rdrop.symmetric_kl(a, b, reduction="none", implementation="fused")
     truth = torch.from_numpy(reference.symmetric_kl(a, b))
     assert float(truth.min()) < 1e-3
     torch.testing.assert_close(got.double(), truth, rtol=1e-4, atol=0)
@@ -179,5 +179,5 @@ def test_no_grad_forward_and_default_chunking() -> None:
     assert _kl_kernel._rows_per_chunk(10**9, None) == 1
     a, b = _logits(3, 4, seed=23), _logits(3, 4, seed=24)
     with torch.no_grad():
-        value = rdrop.symmetric_kl(a, b, implementation="chunked")
+        value = rdrop.symmetric_kl(a, b, implementation="fused")
     assert value.item() == pytest.approx(float(reference.symmetric_kl(a, b).mean()), rel=1e-5)

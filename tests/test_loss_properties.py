@@ -75,10 +75,10 @@ def test_symmetric_kl_paths_match_the_numpy_formula(case: dict) -> None:
     per_item = reference.symmetric_kl(a, b)
     keep = np.ones(per_item.shape, bool) if mask is None else mask.numpy()
     expected = per_item[keep].sum() / max(keep.sum(), 1)
-    for implementation in ("reference", "chunked"):
+    for implementation in ("reference", "fused"):
         value = rdrop.symmetric_kl(
             a, b, mask, implementation=implementation,
-            chunk_size=case["chunk"] if implementation == "chunked" else None,
+            chunk_size=case["chunk"] if implementation == "fused" else None,
         )  # fmt: skip
         np.testing.assert_allclose(value.double().item(), expected, rtol=1e-4, atol=1e-6)
 
@@ -90,7 +90,7 @@ def test_symmetric_kl_gradients_match_the_float64_reference(case: dict) -> None:
     b = case["b"].detach().requires_grad_()
     a64 = case["a"].double().requires_grad_()
     b64 = case["b"].double().requires_grad_()
-    chunked = rdrop.symmetric_kl(a, b, case["mask"], implementation="chunked",
+    chunked = rdrop.symmetric_kl(a, b, case["mask"], implementation="fused",
                                  chunk_size=case["chunk"])  # fmt: skip
     plain = rdrop.symmetric_kl(a64, b64, case["mask"], implementation="reference")
     _close(chunked, plain, case["a"].dtype)

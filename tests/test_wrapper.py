@@ -374,7 +374,9 @@ def test_model_that_cannot_take_the_doubled_batch() -> None:
             return self.net(x) + self.bias
 
     x, y = data()
-    with pytest.raises(RuntimeError, match="concatenated R-Drop batch of 2 x 6 rows.*mode='sequential'"):
+    with pytest.raises(
+        RuntimeError, match="concatenated R-Drop batch of 2 x 6 rows.*mode='sequential'"
+    ):
         rdrop.RDrop(FixedBatch())(x, target=y)
     out = rdrop.RDrop(FixedBatch(), mode="sequential")(x, target=y)
     assert out.logits.shape == (6, 3)

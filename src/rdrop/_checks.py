@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import Tensor
+
 
 def check_int(name: str, value: Any, minimum: int, meaning: str = "") -> int:
     """``value`` as an int ``>= minimum``: ``TypeError`` for a non-int (``bool`` included),
@@ -57,3 +60,41 @@ def check_scheduled_alpha(value: Any, step: int) -> float:
         return check_alpha(value)
     except (TypeError, ValueError) as error:
         raise ValueError(f"alpha schedule returned {value!r} at step {step}: {error}") from None
+
+
+def check_mask(mask: Tensor | None, item_shape: torch.Size, what: str) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a boolean torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True = keep), got {mask.dtype}")
+    if mask.shape != item_shape:
+        raise ValueError(
+            f"mask must have the item shape {tuple(item_shape)} ({what}), got {tuple(mask.shape)}"
+        )
+
+
+def check_class_ids(logits_shape: torch.Size, target: Tensor, ignore_index: int) -> Tensor:
+    """Validate class-id targets for logits of ``logits_shape``; return ``target != ignore``."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        raise TypeError(
+            "target must hold integer class indices for task='cross_entropy', "
+            f"got dtype {target.dtype}"
+        )
+    if target.shape != logits_shape[:-1]:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal the logits' shape without "
+            f"the class dimension, {tuple(logits_shape[:-1])}"
+        )
+    num_classes = logits_shape[-1]
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(
+            f"target holds class ids outside [0, {num_classes}) (other than "
+            f"ignore_index={ignore_index}): e.g. {target[bad][:5].tolist()}"
+        )
+    return valid

@@ -1,4 +1,4 @@
-"""Double backward for the chunked kernels: when a backward pass itself builds a graph
+"""Double backward for the fused kernels: when a backward pass itself builds a graph
 (``create_graph=True``, ``torch.autograd.functional.hvp``, gradient penalties), the
 kernels recompute their outputs from the saved inputs with plain autograd ops and
 differentiate those, so second-order gradients are exact instead of silently zero.
@@ -35,7 +35,7 @@ def rows_reference(
     kl_keep: Tensor | None,
     smoothing: float,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-row ``(kl [R], ce [2, R] or None)`` of two passes, as the chunked kernel
+    """Per-row ``(kl [R], ce [2, R] or None)`` of two passes, as the fused kernel
     defines them (``y=None``: ``x`` holds both passes, pass a first)."""
     from rdrop.functional import symmetric_kl_reference
 

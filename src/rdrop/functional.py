@@ -2,8 +2,8 @@
 
 Every function here takes the outputs of two (or more) dropout passes and returns their
 disagreement. They are pure (no state) and compute in float32 or wider whatever the input
-dtype. The plain-autograd paths never synchronise with the host; the chunked kernel
-(``implementation="chunked"``, the default from 2**18 logits) reads a few flags back per
+dtype. The plain-autograd paths never synchronise with the host; the fused kernel
+(``implementation="fused"``, the default from 2**18 logits) reads a few flags back per
 call (rows that are ``-inf`` throughout, the masked rows it skips, NaN repairs), which is
 a host synchronisation on a GPU. They share one convention for masks and reductions:
 
@@ -23,14 +23,15 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from rdrop._checks import check_int
-from rdrop._kl_kernel import chunked_symmetric_kl
+from rdrop._checks import check_int, check_mask
+from rdrop._fused_kernel import chunked_symmetric_kl
 
 __all__ = [
     "ConsistencyKind",
@@ -46,13 +47,13 @@ __all__ = [
 
 Reduction = Literal["mean", "sum", "none"]
 ConsistencyKind = Literal["kl", "mse", "bernoulli_kl"]
-KLImplementation = Literal["auto", "chunked", "reference"]
+KLImplementation = Literal["auto", "fused", "reference"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _KINDS = ("kl", "mse", "bernoulli_kl")
-# Below this many logits the plain autograd graph is as fast as the chunked kernel and
-# supports double backward; above it the chunked kernel wins on time and memory.
-_CHUNKED_MIN_NUMEL = 1 << 18
+# Below this many logits the plain autograd graph is as fast as the fused kernel; above
+# it the kernel wins on time and memory.
+_FUSED_KL_MIN_NUMEL = 1 << 18
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,19 +87,6 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _check_mask(mask: Tensor | None, item_shape: torch.Size, what: str) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a boolean torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must have dtype torch.bool (True = keep), got {mask.dtype}")
-    if mask.shape != item_shape:
-        raise ValueError(
-            f"mask must have the item shape {tuple(item_shape)} ({what}), got {tuple(mask.shape)}"
-        )
-
-
 def _reduce(per_item: Tensor, mask: Tensor | None, reduction: Reduction) -> Tensor:
     """Apply ``reduction`` to per-item values whose masked entries are already zero."""
     if reduction == "none":
@@ -117,14 +105,14 @@ def symmetric_kl_reference(
     mask: Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> Tensor:
-    """Plain-autograd symmetric KL; the reference the chunked kernel is tested against.
+    """Plain-autograd symmetric KL; the reference the fused kernel is tested against.
 
     Same contract as :func:`symmetric_kl` (see there). It builds an ordinary autograd
     graph (so double backward works) at the price of several logits-sized temporaries.
     """
     _check_pair(logits_a, logits_b)
     _check_reduction(reduction)
-    _check_mask(mask, logits_a.shape[:-1], "the logits' shape without the last dimension")
+    check_mask(mask, logits_a.shape[:-1], "the logits' shape without the last dimension")
     dtype = _compute_dtype(logits_a.dtype)
     a, b = logits_a.to(dtype), logits_b.to(dtype)
     if mask is not None:
@@ -181,11 +169,13 @@ def symmetric_kl(
         mask: optional boolean tensor of shape ``logits_a.shape[:-1]``; ``True`` = keep.
         reduction: ``"mean"`` over kept items (``0`` when none is kept), ``"sum"``, or
             ``"none"`` (per-item values, masked items ``0``).
-        implementation: ``"chunked"`` uses a memory-lean custom autograd kernel that never
-            holds more than a chunk of probability temporaries and recomputes in backward;
-            ``"reference"`` is the plain autograd graph (supports double backward);
-            ``"auto"`` (default) picks ``"chunked"`` for inputs of at least 2**18 logits.
-        chunk_size: rows per chunk for the chunked kernel (default: about 2**18 logits a
+        implementation: ``"fused"`` uses a memory-lean custom autograd kernel that never
+            holds more than a chunk of probability temporaries and recomputes in backward
+            (the word :func:`rdrop.rdrop_loss` uses for the same kernel; ``"chunked"`` is
+            a deprecated alias); ``"reference"`` is the plain autograd graph (double
+            backward works on both); ``"auto"`` (default) picks ``"fused"`` for inputs of
+            at least 2**18 logits.
+        chunk_size: rows per chunk for the fused kernel (default: about 2**18 logits a
             chunk).
 
     Returns:
@@ -201,16 +191,24 @@ def symmetric_kl(
     References:
         Liang et al., "R-Drop: Regularized Dropout for Neural Networks", NeurIPS 2021, Eq. 2.
     """
-    if implementation not in ("auto", "chunked", "reference"):
+    if implementation == "chunked":
+        warnings.warn(
+            "symmetric_kl(implementation='chunked') is deprecated: use 'fused', the word "
+            "rdrop_loss uses for the same kernel",
+            FutureWarning,
+            stacklevel=2,
+        )
+        implementation = "fused"
+    if implementation not in ("auto", "fused", "reference"):
         raise ValueError(
-            f"implementation must be 'auto', 'chunked' or 'reference', got {implementation!r}"
+            f"implementation must be 'auto', 'fused' or 'reference', got {implementation!r}"
         )
     _check_pair(logits_a, logits_b)
     _check_reduction(reduction)
-    _check_mask(mask, logits_a.shape[:-1], "the logits' shape without the last dimension")
+    check_mask(mask, logits_a.shape[:-1], "the logits' shape without the last dimension")
     dead, one_sided = _impossible_rows(logits_a, logits_b, mask)
     if implementation == "reference" or (
-        implementation == "auto" and logits_a.numel() < _CHUNKED_MIN_NUMEL
+        implementation == "auto" and logits_a.numel() < _FUSED_KL_MIN_NUMEL
     ):
         per_item = symmetric_kl_reference(logits_a, logits_b, _kept(mask, dead), "none")
     else:
@@ -290,7 +288,7 @@ def symmetric_bernoulli_kl(
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must have dtype torch.bool (True = keep), got {mask.dtype}")
         mask = mask.unsqueeze(-1).expand(logits_a.shape)
-    _check_mask(mask, logits_a.shape, "the logits' shape, or it without the last dimension")
+    check_mask(mask, logits_a.shape, "the logits' shape, or it without the last dimension")
     dtype = _compute_dtype(logits_a.dtype)
     a, b = logits_a.to(dtype), logits_b.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=a.device)
@@ -338,7 +336,7 @@ def mse_consistency(
     if pred_a.ndim == 0:
         raise ValueError("pred_a must have at least one (batch) dimension, got a scalar")
     item_shape = pred_a.shape if pred_a.ndim == 1 else pred_a.shape[:-1]
-    _check_mask(mask, item_shape, "[B] for 1-D predictions, else the shape without the last dim")
+    check_mask(mask, item_shape, "[B] for 1-D predictions, else the shape without the last dim")
     dtype = _compute_dtype(pred_a.dtype)
     a, b = pred_a.to(dtype), pred_b.to(dtype)
     if pred_a.ndim == 1:

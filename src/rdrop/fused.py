@@ -21,34 +21,24 @@ where ``z_1``/``z_2`` are the two halves, ``CE`` is the mean over targets that a
 ``ignore_index`` (optionally label-smoothed) and ``D`` is :func:`rdrop.symmetric_kl`
 averaged over the items kept by ``mask`` and ``ignore_index``. All arithmetic is float32
 (float64 for float64 inputs) in log space.
+
+The kernels themselves live in one private module with one chunk loop for both entry
+points. They read a few values back from the device (on a GPU, a wait for the queued
+work): the count of kept rows when ``mask`` or ``ignore_index`` drops some, one flag per
+chunk (forward and backward) saying whether ``-inf`` logits need the NaN repair, the
+kept-item counts of the hidden-state path, and one more for ``check_finite=True``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from rdrop._checks import check_alpha, check_int, check_label_smoothing
-from rdrop._double_backward import building_graph, differentiable_grads, linear_reference_loss
-from rdrop._kl_kernel import ChunkMath
-from rdrop.losses import (
-    RDropOutput,
-    _check_class_target,
-    _check_finite,
-    _fused_terms,
-    _keeps,
-    rdrop_loss,
-)
+from rdrop._fused_kernel import fused_terms, linear_terms
+from rdrop.losses import RDropOutput, _check_finite, rdrop_loss
 
 __all__ = ["rdrop_cross_entropy", "rdrop_linear_cross_entropy"]
-
-# Logits per [2k, V] chunk of the linear variant. Each chunk re-reads and re-writes the
-# whole [V, H] weight gradient, so chunks must be large (k = 128 rows per pass at V = 32000:
-# measured fastest on CPU, 2**20 was 15% slower); the chunk buffers are then ~4x this many
-# floats, still far below the [2B, V] logits and gradient they replace.
-_LINEAR_CHUNK_NUMEL = 1 << 23
 
 
 def _pass_batch_size(x: Tensor, owner: str, num_passes: int) -> int:
@@ -150,7 +140,7 @@ def rdrop_cross_entropy(
             mask=mask,
             check_finite=check_finite,
         )
-    task_value, consistency = _fused_terms(
+    task_value, consistency = fused_terms(
         logits.contiguous(),
         None,
         torch.Size((batch, *logits.shape[1:-1])),
@@ -164,138 +154,6 @@ def rdrop_cross_entropy(
     if check_finite:
         _check_finite(out, [logits])
     return out
-
-
-class _LinearRDrop(torch.autograd.Function):
-    """Loss of ``hidden @ weight.T + bias`` without the full logits; grads made in forward."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        target: Tensor | None,
-        ce_keep: Tensor | None,
-        kl_keep: Tensor | None,
-        n_ce: int,
-        n_kl: int,
-        alpha: float,
-        smoothing: float,
-        rows_per_chunk: int,
-        want_grad: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        num_classes = weight.shape[0]
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        dev = hidden.device
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        num_rows = h2.shape[0] // 2
-        live = kl_keep
-        if target is not None:
-            live = None if ce_keep is None or kl_keep is None else ce_keep | kl_keep
-        # Gathering hidden rows is cheap, so dead rows (padding) are always skipped: their
-        # states never reach the matmuls or the weight gradient, whatever they hold.
-        rows = torch.arange(num_rows, device=dev) if live is None else live.nonzero().squeeze(1)
-        n = rows.numel()
-        r = min(rows_per_chunk, max(n, 1))
-        math = ChunkMath(r, num_classes, dtype, dev)
-        z_buf = torch.empty(2 * r, num_classes, dtype=weight.dtype, device=dev)
-        g_buf = torch.empty(2 * r, num_classes, dtype=dtype, device=dev)
-        tgt = None
-        if target is not None:
-            tgt = target if ce_keep is None else target.masked_fill(~ce_keep, 0)
-        # per-row weights of d(loss)/d(kl_row) (halved, see ChunkMath.grads) and d/d(ce_row)
-        w_kl = 0.5 * (alpha / 2.0) / max(n_kl, 1)
-        w_ce = 0.5 / n_ce if n_ce else 0.0  # an all-padding batch: task loss 0, no gradient
-        zero = math.zero
-        kl_in = torch.ones(num_rows, dtype=torch.bool, device=dev) if kl_keep is None else kl_keep
-        ce_in = torch.ones(num_rows, dtype=torch.bool, device=dev) if ce_keep is None else ce_keep
-        kl_w = torch.where(kl_in, w_kl, zero)
-        ce_w = torch.where(ce_in, w_ce, zero)
-        grad_h = torch.zeros_like(h2) if want_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=dev) if want_grad else None
-        grad_b = torch.zeros(num_classes, dtype=dtype, device=dev) if want_grad else None
-        kl_sum = torch.zeros((), dtype=dtype, device=dev)
-        ce_sum = torch.zeros((), dtype=dtype, device=dev)
-        for s in range(0, n, r):
-            e = min(s + r, n)
-            k = e - s
-            idx = torch.cat([rows[s:e], rows[s:e] + num_rows])
-            h = h2.index_select(0, idx)
-            z = z_buf[: 2 * k]
-            if bias is None:
-                torch.mm(h, weight.t(), out=z)
-            else:
-                torch.addmm(bias, h, weight.t(), out=z)
-            zf = z if z.dtype == dtype else z.to(dtype)
-            za, zb = zf[:k], zf[k:]
-            p, q, d, lse_a, lse_b = math.probs(za, zb)
-            chunk_rows = rows[s:e]
-            t = None
-            if tgt is not None:
-                t = tgt.index_select(0, chunk_rows).unsqueeze(1)
-                ce_both = math.cross_entropy(za, lse_a, t, smoothing) + math.cross_entropy(
-                    zb, lse_b, t, smoothing
-                )
-                ce_sum += torch.where(ce_in.index_select(0, chunk_rows), ce_both, zero).sum()
-            g = g_buf[: 2 * k]
-            value, nan = math.kl_value(p, q, d, g[:k])
-            kl_sum += torch.where(kl_in.index_select(0, chunk_rows), value, zero).sum()
-            w = kl_w.index_select(0, chunk_rows)
-            if grad_h is None or grad_w is None or grad_b is None:
-                continue
-            wce = None
-            if t is not None:
-                ce_k = ce_w.index_select(0, chunk_rows)
-                wce = (ce_k, ce_k)
-            math.grads(p, q, d, bool(nan.any()), w, wce, t, smoothing, (g[:k], g[k:]))
-            gm = g if g.dtype == weight.dtype else g.to(weight.dtype)
-            grad_h.index_copy_(0, idx, torch.mm(gm, weight).to(grad_h.dtype))
-            grad_w.addmm_(g.t(), h.to(dtype))
-            grad_b += g.sum(dim=0)
-        task = ce_sum / max(2 * n_ce, 1)
-        kl = kl_sum / max(n_kl, 1)
-        loss = task + (alpha / 2.0) * kl
-        ctx.mark_non_differentiable(task, kl)
-        ctx.meta = (n_ce, n_kl, alpha, smoothing)
-        # The inputs (references, no copies) serve a double backward only.
-        inputs = (hidden, weight, bias, target, ce_keep, kl_keep)
-        if grad_h is not None and grad_w is not None and grad_b is not None:
-            ctx.save_for_backward(
-                grad_h.reshape(hidden.shape),
-                grad_w.to(weight.dtype),
-                None if bias is None else grad_b.to(bias.dtype),
-                *inputs,
-            )
-        else:
-            ctx.save_for_backward(None, None, None, *inputs)
-        return loss, task, kl
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grad_h, grad_w, grad_b, hidden, weight, bias, target, ce_keep, kl_keep = ctx.saved_tensors
-        if building_graph():  # double backward: differentiate the loss through the logits
-            with torch.enable_grad():
-                loss = linear_reference_loss(
-                    hidden, weight, bias, target, ce_keep, kl_keep, *ctx.meta
-                )
-            grads = differentiable_grads(
-                [loss], [grad_loss], [hidden, weight, bias], ctx.needs_input_grad[:3]
-            )
-            return (*grads, *(None,) * 9)
-        if grad_h is None:
-            raise RuntimeError(
-                "rdrop_linear_cross_entropy: the gradient was not computed in forward "
-                "(grad mode was off or no input required grad)"
-            )
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        scale = grad_loss.to(grad_h.dtype)
-        return (
-            grad_h * scale if need_h else None,
-            grad_w * scale.to(grad_w.dtype) if need_w else None,
-            grad_b * scale.to(grad_b.dtype) if need_b and grad_b is not None else None,
-            *(None,) * 9,
-        )
 
 
 def rdrop_linear_cross_entropy(
@@ -372,7 +230,7 @@ def rdrop_linear_cross_entropy(
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise TypeError("hidden, weight and bias must have the same dtype")
     _check_classes(weight.shape[0])
-    batch = _pass_batch_size(hidden, "hidden's", num_passes)
+    _pass_batch_size(hidden, "hidden's", num_passes)  # dim 0 holds whole passes
     if num_passes != 2:
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return rdrop_cross_entropy(
@@ -385,26 +243,16 @@ def rdrop_linear_cross_entropy(
             mask=mask,
             check_finite=check_finite,
         )
-    item_shape = torch.Size((batch, *hidden.shape[1:-1]))
-    num_classes = weight.shape[0]
-    if target is not None:
-        _check_class_target(torch.Size((*item_shape, num_classes)), target, ignore_index)
-    ce_keep, kl_keep, n_ce, n_kl = _keeps(item_shape, target, ignore_index, mask, hidden.device)
-    rows = chunk_size or max(1, _LINEAR_CHUNK_NUMEL // (2 * num_classes))
-    loss, task_value, consistency = _LinearRDrop.apply(
-        hidden.contiguous(),
+    loss, task_value, consistency = linear_terms(
+        hidden,
         weight,
         bias,
-        None if target is None else target.reshape(-1),
-        ce_keep,
-        kl_keep,
-        int(n_ce),
-        int(n_kl),
+        target,
         alpha,
-        float(label_smoothing),
-        rows,
-        torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (hidden, weight, bias)),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        mask=mask,
+        chunk_size=chunk_size,
     )
     out = RDropOutput(loss, task_value.detach(), consistency.detach(), alpha)
     if check_finite and not bool(torch.isfinite(loss)):

@@ -23,15 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rdrop._checks import check_alpha, check_int, check_label_smoothing
-from rdrop._kl_kernel import fused_rows
-from rdrop.functional import (
-    _KINDS,
-    ConsistencyKind,
-    _check_mask,
-    _check_reduction,
-    multi_pass_consistency,
+from rdrop._checks import (
+    check_alpha,
+    check_class_ids,
+    check_int,
+    check_label_smoothing,
+    check_mask,
 )
+from rdrop._fused_kernel import (
+    FUSED_MIN_NUMEL,
+    concatenated_base,
+    fused_terms,
+    fused_unsupported,
+)
+from rdrop.functional import _KINDS, ConsistencyKind, _check_reduction, multi_pass_consistency
 
 __all__ = [
     "ConsistencyLoss",
@@ -46,9 +51,6 @@ __all__ = [
 TaskLoss = Callable[[Tensor, Tensor], Tensor]
 LossImplementation = Literal["auto", "fused", "reference"]
 _IMPLEMENTATIONS = ("auto", "fused", "reference")
-# "auto" uses the fused kernel from this many logits per pass on (below it the plain
-# autograd graph is as fast; see benchmarks/).
-_FUSED_MIN_NUMEL = 1 << 15
 BuiltinTask = Literal["cross_entropy", "mse", "bce"]
 _BUILTIN_TASKS = ("cross_entropy", "mse", "bce")
 _DEFAULT_CONSISTENCY: dict[str, ConsistencyKind] = {
@@ -90,37 +92,12 @@ def _consistency_weight(alpha: float, num_passes: int) -> float:
     return alpha / num_passes
 
 
-def _check_class_target(logits_shape: torch.Size, target: Tensor, ignore_index: int) -> Tensor:
-    """Validate class-id targets for logits of ``logits_shape``; return ``target != ignore``."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.is_floating_point():
-        raise TypeError(
-            "target must hold integer class indices for task='cross_entropy', "
-            f"got dtype {target.dtype}"
-        )
-    if target.shape != logits_shape[:-1]:
-        raise ValueError(
-            f"target shape {tuple(target.shape)} must equal the logits' shape without "
-            f"the class dimension, {tuple(logits_shape[:-1])}"
-        )
-    num_classes = logits_shape[-1]
-    valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        raise ValueError(
-            f"target holds class ids outside [0, {num_classes}) (other than "
-            f"ignore_index={ignore_index}): e.g. {target[bad][:5].tolist()}"
-        )
-    return valid
-
-
 def _builtin_task_loss(
     task: str, logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float
 ) -> Tensor:
     dtype = torch.promote_types(logits.dtype, torch.float32)
     if task == "cross_entropy":
-        valid = _check_class_target(logits.shape, target, ignore_index)
+        valid = check_class_ids(logits.shape, target, ignore_index)
         num_classes = logits.shape[-1]
         flat = logits.reshape(-1, num_classes).to(dtype)
         # Ignored rows may hold anything (NaN included): keep them out of the graph.
@@ -256,111 +233,8 @@ def _consistency_mask(
             f"class dimension, {tuple(passes[0].shape[:-1])}"
         )
     keep = target != ignore_index
-    _check_mask(mask, passes[0].shape[:-1], "the logits' shape without the last dimension")
+    check_mask(mask, passes[0].shape[:-1], "the logits' shape without the last dimension")
     return keep if mask is None else mask & keep
-
-
-def _keeps(
-    item_shape: torch.Size,
-    target: Tensor | None,
-    ignore_index: int,
-    mask: Tensor | None,
-    device: torch.device,
-) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
-    """Flat ``(ce_keep or None = all, kl_keep or None = all, n_ce, n_kl)`` of a 2-pass loss."""
-    _check_mask(mask, item_shape, "the logits' shape without the last dimension")
-    ce_keep = None if target is None else target.reshape(-1) != ignore_index
-    if ce_keep is not None and bool(ce_keep.all()):
-        ce_keep = None
-    kl_keep = ce_keep
-    if mask is not None:
-        kl_keep = mask.reshape(-1) if kl_keep is None else kl_keep & mask.reshape(-1)
-    full = torch.tensor(item_shape.numel(), device=device)
-    n_ce = full if ce_keep is None else ce_keep.sum()
-    n_kl = full if kl_keep is None else kl_keep.sum()
-    return ce_keep, kl_keep, n_ce, n_kl
-
-
-def _fused_terms(
-    x: Tensor,
-    y: Tensor | None,
-    item_shape: torch.Size,
-    target: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    mask: Tensor | None,
-    chunk_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(task_value, consistency)`` of two passes from the fused kernel.
-
-    ``y=None``: ``x`` is the concatenation ``[pass 1; pass 2]`` along dim 0.
-    """
-    if target is not None:
-        _check_class_target(torch.Size((*item_shape, x.shape[-1])), target, ignore_index)
-    ce_keep, kl_keep, n_ce, n_kl = _keeps(item_shape, target, ignore_index, mask, x.device)
-    kl_rows, ce_rows = fused_rows(
-        x,
-        y,
-        None if target is None else target.reshape(-1),
-        ce_keep,
-        kl_keep,
-        label_smoothing,
-        chunk_size,
-    )
-    consistency = kl_rows.sum() / n_kl.clamp_min(1).to(kl_rows.dtype)
-    if target is None:
-        return consistency.new_zeros(()), consistency
-    # Mean over real targets of both passes; an all-padding batch gives 0, not NaN.
-    return ce_rows.sum() / (2 * n_ce).clamp_min(1).to(ce_rows.dtype), consistency
-
-
-def _concatenated_base(a: Tensor, b: Tensor) -> Tensor | None:
-    """The tensor ``[a; b]`` when ``a`` and ``b`` are its two halves (e.g. from ``split``).
-
-    Using it lets the fused kernel return one gradient for the whole concatenated output
-    instead of two that autograd then copies into a new one.
-    """
-    base = a._base
-    if base is None or b._base is not base or base.dtype != a.dtype:
-        return None
-    if not (base.is_contiguous() and a.is_contiguous() and b.is_contiguous()):
-        return None
-    if base.numel() != 2 * a.numel() or base.ndim == 0 or base.shape[-1] != a.shape[-1]:
-        return None
-    if a.data_ptr() != base.data_ptr() or b.data_ptr() != base.data_ptr() + a.nbytes:
-        return None
-    if base.requires_grad != (a.requires_grad or b.requires_grad):
-        return None
-    # Halves sliced under no_grad keep requires_grad but have no graph: not real views.
-    if base.requires_grad and (a.grad_fn is None or b.grad_fn is None):
-        return None
-    return base
-
-
-def _fused_unsupported(
-    passes: Sequence[Tensor],
-    target: Tensor | None,
-    task: BuiltinTask | TaskLoss,
-    kind: ConsistencyKind,
-    task_passes: int,
-) -> str | None:
-    """Why the fused kernel cannot compute this loss (``None``: it can)."""
-    if kind != "kl":
-        return f"consistency={kind!r} (the fused kernel computes 'kl')"
-    if len(passes) != 2:
-        return f"{len(passes)} passes (the fused kernel takes 2)"
-    if target is not None and (callable(task) or task != "cross_entropy"):
-        return "a task other than 'cross_entropy'"
-    if target is not None and task_passes != 2:
-        return "task_passes=1"
-    a, b = passes
-    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
-        return "passes that are not tensors"
-    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-        return "passes of different shape, dtype or device"
-    if a.ndim < 1 or not a.is_floating_point():
-        return "non-floating or 0-d outputs"
-    return None
 
 
 def rdrop_loss(
@@ -464,16 +338,16 @@ def rdrop_loss(
         )
     fused = implementation != "reference"
     if fused:
-        reason = _fused_unsupported(passes, target, task, kind, task_passes)
+        reason = fused_unsupported(passes, target, task, kind, task_passes)
         if reason is not None and implementation == "fused":
             raise ValueError(f"implementation='fused' does not support {reason}")
         fused = reason is None and (
-            implementation == "fused" or passes[0].numel() >= _FUSED_MIN_NUMEL
+            implementation == "fused" or passes[0].numel() >= FUSED_MIN_NUMEL
         )
     if fused:
         a, b = passes
-        base = _concatenated_base(a, b)
-        task_value, consistency_loss = _fused_terms(
+        base = concatenated_base(a, b)
+        task_value, consistency_loss = fused_terms(
             a if base is None else base,
             b if base is None else None,
             a.shape[:-1],

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rdrop._checks import check_label_smoothing
-from rdrop.losses import RDropOutput, _check_class_target, rdrop_loss, task_loss
+from rdrop._checks import check_class_ids, check_label_smoothing
+from rdrop.losses import RDropOutput, rdrop_loss, task_loss
 from rdrop.regularizers._common import (
     check_class_target,
     check_generator,
@@ -136,7 +136,7 @@ class MixedBatch:
 def _smoothed_one_hot(
     target: Tensor, num_classes: int, label_smoothing: float, ignore_index: int
 ) -> Tensor:
-    valid = _check_class_target(torch.Size((*target.shape, num_classes)), target, ignore_index)
+    valid = check_class_ids(torch.Size((*target.shape, num_classes)), target, ignore_index)
     one_hot = F.one_hot(torch.where(valid, target, 0).long(), num_classes).float()
     smoothed = (1.0 - label_smoothing) * one_hot + label_smoothing / num_classes
     return smoothed * valid.unsqueeze(-1)
