@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rdrop_lab.config import METHOD_FIELDS, ConfigError, RunConfig, load_suite
+from rdrop_lab.config import METHOD_FIELDS, ConfigError, RunConfig, expand_runs, load_suite
 from rdrop_lab.methods import METHODS, method_specs
 from rdrop_lab.resume import default_resume_dir
 from rdrop_lab.store import ResultStore
@@ -164,37 +164,23 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 f"{_flag(key)} is an option of {', '.join(users)}; "
                 f"--method {' '.join(args.method)} does not read it"
             )
-    runs = []
-    for method in args.method:
-        alphas: list[float | None] = [None]
-        if METHODS[method].uses_alpha:
-            if not args.alpha and task.paper_alpha is None:
-                raise ConfigError(
-                    f"task {task.name!r} has no paper alpha; give one with --alpha "
-                    f"(method {method!r} needs it)"
-                )
-            alphas = list(args.alpha) if args.alpha else [task.paper_alpha]
-        # Options of other methods are left out, so this run keeps its usual identity.
-        own = {
-            k: v
-            for k, v in overrides.items()
-            if k not in METHOD_FIELDS or k in METHODS[method].fields
-        }
-        for data_seed in args.data_seeds or [None]:
-            if data_seed is not None:
-                own["data_seed"] = data_seed
-            for seed in args.seeds:
-                for alpha in alphas:
-                    runs.append(
-                        RunConfig(
-                            task.name,
-                            method,
-                            alpha=alpha,
-                            seed=seed,
-                            paper_alpha=task.paper_alpha,
-                            **own,
-                        )
-                    )
+    needs_alpha = [m for m in args.method if METHODS[m].uses_alpha]
+    if needs_alpha and not args.alpha and task.paper_alpha is None:
+        raise ConfigError(
+            f"task {task.name!r} has no paper alpha; give one with --alpha "
+            f"(method {needs_alpha[0]!r} needs it)"
+        )
+    runs = expand_runs(
+        task.name,
+        args.method,
+        specs=method_specs(),
+        seeds=args.seeds,
+        alphas=args.alpha or ["paper"],
+        paper_alpha=task.paper_alpha,
+        options=overrides,
+        data_seeds=args.data_seeds or [None],
+        method_first=True,
+    )
     return _execute(runs, args, argv)
 
 

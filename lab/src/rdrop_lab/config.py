@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import re
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ __all__ = [
     "SuiteConfig",
     "changed_fields",
     "config_value",
+    "expand_runs",
     "is_plain_rdrop",
     "load_suite",
     "parse_suite",
@@ -476,7 +478,7 @@ def parse_suite(
     task's own defaults (``task_defaults``), ``[train]``, ``[tasks.<name>]``, the
     method's ``[variants.<name>]`` table. Options in :data:`METHOD_FIELDS` reach only the
     methods that read them. The runs are ordered task, shots per class, data seed, seed,
-    method, alpha.
+    method, alpha (:func:`expand_runs`).
 
     Args:
         data: the parsed file (TOML or YAML).
@@ -484,8 +486,142 @@ def parse_suite(
         known_methods: the registered methods: name -> :class:`MethodSpec` (a plain set of
             names means: only ``rdrop`` takes alpha and the ablation options).
         task_defaults: task name -> run settings that task uses unless the file sets them.
+
+    Returns:
+        The suite's name, runs and description.
+
+    Raises:
+        ConfigError: naming the table and key of the first invalid entry.
     """
     specs = _method_specs(known_methods)
+    suite = _suite_table(data)
+    name = _suite_name(suite)
+    tasks = _suite_tasks(suite, known_tasks)
+    variants = _parse_variants(data.get("variants", {}), specs)
+    methods = _suite_methods(suite, specs, variants)
+    seeds = _suite_seeds(suite)
+    alphas = _suite_alphas(suite)
+    data_seeds = _unique_ints(suite, "data_seeds", 0)
+    shots = _unique_ints(suite, "shots_per_class", 1)
+    train = validate_run_overrides(data.get("train", {}), "train")
+    per_task, task_methods = _per_task_tables(data.get("tasks", {}), tasks, methods)
+    tables = [("train", train), *((f"tasks.{t}", table) for t, table in per_task.items())]
+    _check_regime_conflicts(tables, data_seeds, shots)
+    runs: list[RunConfig] = []
+    for task in tasks:
+        options = {**(task_defaults or {}).get(task, {}), **train, **per_task.get(task, {})}
+        chosen = task_methods.get(task, methods)
+        _check_method_fields_used(options, chosen, specs, variants, task)
+        runs += expand_runs(
+            task,
+            chosen,
+            specs=specs,
+            seeds=seeds,
+            alphas=alphas,
+            paper_alpha=known_tasks[task],
+            options=options,
+            variants=variants,
+            shots=[None] if shots is None else shots,
+            data_seeds=[None] if data_seeds is None else data_seeds,
+        )
+    description = suite.get("description", "")
+    return SuiteConfig(name=name, runs=tuple(runs), description=str(description))
+
+
+def expand_runs(
+    task: str,
+    methods: Sequence[str],
+    *,
+    specs: Mapping[str, MethodSpec],
+    seeds: Sequence[int],
+    alphas: Sequence[float | str],
+    paper_alpha: float | None,
+    options: Mapping[str, Any],
+    variants: Mapping[str, tuple[str, dict[str, Any]]] | None = None,
+    shots: Sequence[int | None] = (None,),
+    data_seeds: Sequence[int | None] = (None,),
+    method_first: bool = False,
+) -> list[RunConfig]:
+    """The runs of one task: every method × alpha × seed × data seed × shots per class
+    (used by suite files and by ``rdrop run``).
+
+    A method's run gets ``options`` without the :data:`METHOD_FIELDS` it does not read (so
+    its run id is the same with or without them), then its variant's options.
+
+    Args:
+        task: the task.
+        methods: method names, or names of ``variants``.
+        specs: the registered methods (whether they take alpha, which options they read).
+        seeds: training seeds.
+        alphas: R-Drop alphas, each a number or ``"paper"`` (``paper_alpha``); methods
+            that take no alpha get one run with ``alpha=None``. Repeated values give one run.
+        paper_alpha: the paper's alpha for the task (``None``: it has none).
+        options: the other RunConfig fields.
+        variants: variant name -> (method, its options).
+        shots: few-shot sizes (``None``: the task's training subsample).
+        data_seeds: draws of the training data (``None``: ``options``' data seed).
+        method_first: order the runs method, shots, data seed, seed, alpha (the order of
+            ``rdrop run``) instead of shots, data seed, seed, method, alpha (suite files:
+            a converged suite runs seed by seed).
+
+    Returns:
+        The runs, in that order.
+
+    Raises:
+        ConfigError: a "paper" alpha for a task without one, or an invalid run.
+    """
+    variants = variants or {}
+    runs: list[tuple[int, RunConfig]] = []
+    for shot, data_seed, seed in itertools.product(shots, data_seeds, seeds):
+        for position, entry in enumerate(methods):
+            method, variant = variants.get(entry, (entry, {}))
+            spec = specs[method]
+            own = _options_for(spec, options, variant, shot=shot, data_seed=data_seed)
+            for alpha in _alphas_of(spec, alphas, paper_alpha, task):
+                runs.append((position, _run_config(task, method, alpha, seed, paper_alpha, own)))
+    if method_first:
+        runs.sort(key=lambda item: item[0])  # stable: the rest of the order stays
+    return [run for _, run in runs]
+
+
+def _options_for(
+    spec: MethodSpec,
+    options: Mapping[str, Any],
+    variant: Mapping[str, Any],
+    *,
+    shot: int | None,
+    data_seed: int | None,
+) -> dict[str, Any]:
+    """The RunConfig fields of one method's run: ``options`` without the method fields
+    it does not read, its variant's options, then the shots and data seed when given."""
+    own = {k: v for k, v in options.items() if k not in METHOD_FIELDS or k in spec.fields}
+    own.update(variant)
+    if shot is not None:
+        own["shots_per_class"] = shot
+    if data_seed is not None:
+        own["data_seed"] = data_seed
+    return own
+
+
+def _run_config(
+    task: str,
+    method: str,
+    alpha: float | None,
+    seed: int,
+    paper_alpha: float | None,
+    options: Mapping[str, Any],
+) -> RunConfig:
+    """A validated RunConfig (a field name RunConfig lacks is a ConfigError too)."""
+    try:
+        return RunConfig(
+            task=task, method=method, alpha=alpha, seed=seed, paper_alpha=paper_alpha, **options
+        )
+    except TypeError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _suite_table(data: Any) -> dict[str, Any]:
+    """The ``[suite]`` table, once the top-level and ``[suite]`` keys are checked."""
     if not isinstance(data, dict):
         raise ConfigError(f"a suite file must hold a mapping at the top, got {type(data).__name__}")
     for key in data:
@@ -497,38 +633,59 @@ def parse_suite(
     for key in suite:
         if key not in _SUITE_KEYS:
             raise ConfigError(f"[suite] unknown key {key!r}; expected {sorted(_SUITE_KEYS)}")
+    return suite
+
+
+def _suite_name(suite: Mapping[str, Any]) -> str:
+    """``[suite] name``: it names the default results folder, so it is a plain name."""
     name = suite.get("name", "suite")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ConfigError(
             "[suite] name must be a non-empty string of letters, digits, '.', '_' and '-' "
             f"(it names the default results folder runs/<name>), got {name!r}"
         )
+    return name
 
-    def str_list(key: str, default: list[Any] | None = None) -> list[Any]:
-        value = suite.get(key, default)
-        if value is None:
-            raise ConfigError(f"[suite] {key} is required")
-        if not isinstance(value, list) or not value:
-            raise ConfigError(f"[suite] {key} must be a non-empty list, got {value!r}")
-        return value
 
-    def int_list(key: str, low: int) -> list[int] | None:
-        if key not in suite:
-            return None
-        values = str_list(key)
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"[suite] {key} must be integers >= {low}, got {value!r}")
-        if len(set(values)) != len(values):
-            raise ConfigError(f"[suite] {key} has repeated values: {values}")
-        return values
+def _suite_list(suite: Mapping[str, Any], key: str, default: list[Any] | None = None) -> list:
+    """A non-empty list under ``[suite] key`` (``default`` when absent; required without)."""
+    value = suite.get(key, default)
+    if value is None:
+        raise ConfigError(f"[suite] {key} is required")
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"[suite] {key} must be a non-empty list, got {value!r}")
+    return value
 
-    tasks = str_list("tasks")
+
+def _unique_ints(suite: Mapping[str, Any], key: str, low: int) -> list[int] | None:
+    """Distinct integers >= ``low`` under ``[suite] key`` (``None`` when absent)."""
+    if key not in suite:
+        return None
+    values = _suite_list(suite, key)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"[suite] {key} must be integers >= {low}, got {value!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"[suite] {key} has repeated values: {values}")
+    return values
+
+
+def _suite_tasks(suite: Mapping[str, Any], known_tasks: Mapping[str, Any]) -> list[str]:
+    """``[suite] tasks``, each a registered task."""
+    tasks = _suite_list(suite, "tasks")
     for task in tasks:
         if task not in known_tasks:
             raise ConfigError(f"[suite] tasks: unknown task {task!r}; known: {sorted(known_tasks)}")
-    variants = _parse_variants(data.get("variants", {}), specs)
-    methods = str_list("methods")
+    return tasks
+
+
+def _suite_methods(
+    suite: Mapping[str, Any],
+    specs: Mapping[str, MethodSpec],
+    variants: Mapping[str, tuple[str, dict[str, Any]]],
+) -> list[str]:
+    """``[suite] methods``: distinct names of registered methods or of variants."""
+    methods = _suite_list(suite, "methods")
     for method in methods:
         if method not in specs and method not in variants:
             raise ConfigError(
@@ -537,11 +694,21 @@ def parse_suite(
             )
     if len(set(methods)) != len(methods):
         raise ConfigError(f"[suite] methods has repeated entries: {methods}")
-    seeds = str_list("seeds")
+    return methods
+
+
+def _suite_seeds(suite: Mapping[str, Any]) -> list[int]:
+    """``[suite] seeds``: integers in [0, 2**32)."""
+    seeds = _suite_list(suite, "seeds")
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ConfigError(f"[suite] seeds must be integers in [0, 2**32), got {seed!r}")
-    alphas = str_list("alphas", ["paper"])
+    return seeds
+
+
+def _suite_alphas(suite: Mapping[str, Any]) -> list[float | str]:
+    """``[suite] alphas``: finite numbers >= 0 or ``"paper"`` (the default)."""
+    alphas = _suite_list(suite, "alphas", ["paper"])
     for alpha in alphas:
         ok = alpha == "paper" or (
             isinstance(alpha, (int, float))
@@ -553,82 +720,61 @@ def parse_suite(
             raise ConfigError(
                 f"[suite] alphas: each must be a finite number >= 0 or 'paper', got {alpha!r}"
             )
-    data_seeds = int_list("data_seeds", 0)
-    shots = int_list("shots_per_class", 1)
+    return alphas
 
-    train = validate_run_overrides(data.get("train", {}), "train")
-    per_task_raw = data.get("tasks", {})
-    if not isinstance(per_task_raw, dict):
+
+def _per_task_tables(
+    raw: Any, tasks: Sequence[str], methods: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """The ``[tasks.<name>]`` tables: each task's run overrides and, where the table
+    lists ``methods``, the suite methods that task runs (in suite order).
+
+    Returns:
+        ``(task -> overrides, task -> its methods)``.
+    """
+    if not isinstance(raw, dict):
         raise ConfigError("[tasks] must be a table of per-task tables")
     per_task: dict[str, dict[str, Any]] = {}
     task_methods: dict[str, list[str]] = {}
-    for task, table in per_task_raw.items():
+    for task, table in raw.items():
         if task not in tasks:
             raise ConfigError(f"[tasks.{task}] overrides a task that is not in [suite] tasks")
         if not isinstance(table, dict):
             raise ConfigError(f"[tasks.{task}] must be a table/mapping, got {table!r}")
         table = dict(table)
         if "methods" in table:
-            chosen = table.pop("methods")
-            if not isinstance(chosen, list) or not chosen:
-                raise ConfigError(f"[tasks.{task}] methods must be a non-empty list")
-            for method in chosen:
-                if method not in methods:
-                    raise ConfigError(
-                        f"[tasks.{task}] methods: {method!r} is not in [suite] methods"
-                    )
-            task_methods[task] = [m for m in methods if m in chosen]
+            task_methods[task] = _task_methods(task, table.pop("methods"), methods)
         per_task[task] = validate_run_overrides(table, f"tasks.{task}")
-    for where, table in (("train", train), *((f"tasks.{t}", v) for t, v in per_task.items())):
+    return per_task, task_methods
+
+
+def _task_methods(task: str, chosen: Any, methods: Sequence[str]) -> list[str]:
+    """``[tasks.<task>] methods``: a non-empty subset of the suite's, in suite order."""
+    if not isinstance(chosen, list) or not chosen:
+        raise ConfigError(f"[tasks.{task}] methods must be a non-empty list")
+    for method in chosen:
+        if method not in methods:
+            raise ConfigError(f"[tasks.{task}] methods: {method!r} is not in [suite] methods")
+    return [m for m in methods if m in chosen]
+
+
+def _check_regime_conflicts(
+    tables: Sequence[tuple[str, Mapping[str, Any]]],
+    data_seeds: list[int] | None,
+    shots: list[int] | None,
+) -> None:
+    """``[suite] data_seeds`` / ``shots_per_class`` leave no table to set the same field.
+
+    Args:
+        tables: ``(where, overrides)`` of ``[train]`` and of each ``[tasks.<task>]``.
+        data_seeds: ``[suite] data_seeds`` (``None``: not given).
+        shots: ``[suite] shots_per_class`` (``None``: not given).
+    """
+    for where, table in tables:
         if data_seeds is not None and "data_seed" in table:
             raise ConfigError(f"[{where}] data_seed conflicts with [suite] data_seeds")
         if shots is not None and "shots_per_class" in table:
             raise ConfigError(f"[{where}] shots_per_class conflicts with [suite] shots_per_class")
-
-    runs: list[RunConfig] = []
-    for task in tasks:
-        chosen_methods = task_methods.get(task, methods)
-        base = {
-            **(task_defaults or {}).get(task, {}),
-            **train,
-            **per_task.get(task, {}),
-        }
-        _check_method_fields_used(base, chosen_methods, specs, variants, task)
-        paper_alpha = known_tasks[task]
-        shot_values: list[int | None] = list(shots) if shots is not None else [None]
-        seed_values: list[int | None] = list(data_seeds) if data_seeds is not None else [None]
-        for shot in shot_values:
-            for data_seed in seed_values:
-                for seed in seeds:
-                    for entry in chosen_methods:
-                        method, variant = variants.get(entry, (entry, {}))
-                        spec = specs[method]
-                        overrides = {
-                            k: v
-                            for k, v in base.items()
-                            if k not in METHOD_FIELDS or k in spec.fields
-                        }
-                        overrides.update(variant)
-                        if shot is not None:
-                            overrides["shots_per_class"] = shot
-                        if data_seed is not None:
-                            overrides["data_seed"] = data_seed
-                        for alpha_value in _alphas_of(spec, alphas, paper_alpha, task):
-                            try:
-                                runs.append(
-                                    RunConfig(
-                                        task=task,
-                                        method=method,
-                                        alpha=alpha_value,
-                                        seed=seed,
-                                        paper_alpha=paper_alpha,
-                                        **overrides,
-                                    )
-                                )
-                            except TypeError as error:
-                                raise ConfigError(str(error)) from None
-    description = suite.get("description", "")
-    return SuiteConfig(name=name, runs=tuple(runs), description=str(description))
 
 
 def _alphas_of(
