@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from rdrop._batch import LogitsGetter, extract_logits, find_batch_size, forward_passes
 from rdrop._checks import check_alpha, check_int
 from rdrop._dropout import active_dropout_modules, dropout_rate, training_batchnorm_modules
+from rdrop._output_layer import output_layer_bypassed, resolve_output_layer
 from rdrop.functional import ConsistencyKind
+from rdrop.fused import rdrop_linear_cross_entropy
 from rdrop.losses import BuiltinTask, RDropLoss, RDropOutput, TaskLoss
 from rdrop.schedules import ConsistencySchedule
 
@@ -89,6 +91,16 @@ class RDrop(nn.Module):
         logits_key: where the logits are in the model output: ``None`` (auto: a tensor,
             ``output["logits"]``, ``output.logits`` or ``output[0]``), a key or attribute
             name, a tuple index, or a callable.
+        output_layer: the model's ``nn.Linear`` output projection (or its name, e.g.
+            ``"lm_head"``) to compute the R-Drop loss from the hidden states with
+            :func:`rdrop.rdrop_linear_cross_entropy`: during the R-Drop forward the layer
+            returns its input, so the logits of the doubled batch ``[2B, ..., V]`` never
+            exist at once (peak memory ``[2B, ..., H]`` + chunk buffers instead). The
+            result then has ``logits=None``; steps without the consistency term
+            (``every_k_steps``) and evaluation run the layer as usual. Needs the defaults
+            ``num_passes=2``, ``mode="concat"``, ``stop_gradient=False`` and a
+            cross-entropy task with the KL; with DDP, keep
+            ``find_unused_parameters=False`` (the layer is not used in the forward).
         warn: emit :class:`RDropWarning` for settings that defeat R-Drop (no active
             dropout, the inner model left in eval mode, BatchNorm on the duplicated batch).
     """
@@ -111,6 +123,7 @@ class RDrop(nn.Module):
         logits_key: LogitsGetter = None,
         check_finite: bool = True,
         warn: bool = True,
+        output_layer: nn.Module | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -181,6 +194,12 @@ class RDrop(nn.Module):
         self.stop_gradient = stop_gradient
         self.logits_key = logits_key
         self.warn = warn
+        # Kept out of the module tree: the layer is already registered inside ``model``.
+        layer = None if output_layer is None else resolve_output_layer(model, output_layer)
+        self.output_layer: nn.Linear | None
+        object.__setattr__(self, "output_layer", layer)
+        if layer is not None:
+            self._check_hidden_state_loss()
         self.step = 0
         self._warned: set[str] = set()
 
@@ -245,6 +264,8 @@ class RDrop(nn.Module):
             value = self.criterion.task_only(logits, target)
             return RDropOutput(value, value, value.new_zeros(()), alpha, logits, output)
 
+        if self.output_layer is not None:
+            return self._hidden_state_step(args, kwargs, target, alpha)
         if self.mode == "concat" and not self.stop_gradient:
             passes, output = self._concat_passes(args, kwargs, target)
         else:
@@ -279,6 +300,52 @@ class RDrop(nn.Module):
             split_hint="for sequence-first models use batch_first=True, or select the "
             "logits with logits_key=",
         )
+
+    def _check_hidden_state_loss(self) -> None:
+        criterion = self.criterion
+        unsupported = {
+            "num_passes": self.num_passes != 2,
+            "mode": self.mode != "concat",
+            "stop_gradient": self.stop_gradient,
+            "task": criterion.task != "cross_entropy",
+            "consistency": criterion.consistency != "kl",
+        }
+        named = [name for name, bad in unsupported.items() if bad]
+        if named:
+            raise ValueError(
+                f"output_layer= (the loss from the hidden states) needs num_passes=2, "
+                f"mode='concat', stop_gradient=False and task='cross_entropy' with "
+                f"consistency='kl'; got other values for {', '.join(named)}"
+            )
+
+    def _hidden_state_step(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None, alpha: float
+    ) -> RDropOutput:
+        """One forward on ``[x; x]`` up to the output layer, then the chunked loss."""
+        layer = self.output_layer
+        assert layer is not None
+        with output_layer_bypassed(layer):
+            passes, output = self._concat_passes(args, kwargs, target)
+        hidden = torch.cat(passes) if passes[0]._base is None else passes[0]._base
+        if hidden.shape[-1] != layer.in_features:
+            raise ValueError(
+                f"with output_layer= the model output must be the layer's input "
+                f"[..., {layer.in_features}], got shape {tuple(hidden.shape)}: the layer's "
+                "output is transformed after it (select the right tensor with logits_key=)"
+            )
+        criterion = self.criterion
+        result = rdrop_linear_cross_entropy(
+            hidden,
+            layer.weight,
+            target,
+            alpha,
+            bias=layer.bias,
+            ignore_index=criterion.ignore_index,
+            label_smoothing=criterion.label_smoothing,
+            check_finite=criterion.check_finite,
+        )
+        result.outputs = output
+        return result
 
     def _sequential_passes(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -357,4 +424,6 @@ class RDrop(nn.Module):
             parts.append(f"dropout_rates={self.dropout_rates}")
         if self.stop_gradient:
             parts.append("stop_gradient=True")
+        if self.output_layer is not None:
+            parts.append("output_layer=" + type(self.output_layer).__name__)
         return ", ".join(parts)

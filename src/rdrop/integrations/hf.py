@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,7 +46,9 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
 
 from rdrop._batch import LogitsGetter, extract_logits, forward_passes
 from rdrop._checks import check_int
+from rdrop._output_layer import output_layer_bypassed
 from rdrop.functional import _KINDS, ConsistencyKind
+from rdrop.fused import rdrop_linear_cross_entropy
 from rdrop.integrations._hf_batch import (
     add_decoder_inputs,
     missing_dropout_message,
@@ -66,6 +69,12 @@ __all__ = ["RDropTrainer", "RDropTrainerMixin", "scale_for_gradient_accumulation
 
 HFTask = Literal["auto"] | BuiltinTask | TaskLoss
 Alpha = float | Callable[[int], float]
+
+#: The hidden-state loss is the default from this many logits of the doubled batch on
+#: (1 GiB in float32): below it the logits path is as fast and its memory is affordable.
+_HIDDEN_STATE_MIN_LOGITS = 1 << 28
+#: Config keys of models that transform the logits after the output projection.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 # transformers >= 5 lets compute_loss declare that it already scaled the loss for
 # gradient accumulation; older versions decide from ``model_accepts_loss_kwargs``.
@@ -183,6 +192,17 @@ class RDropTrainerMixin:
             used as the target as it is.
         logits_key: where the logits are in the model output (default ``"logits"``, a
             ``.logits`` attribute or the first tuple item; see :class:`rdrop.RDrop`).
+        hidden_state_loss: compute the R-Drop loss from the last hidden states and the
+            output projection (``model.get_output_embeddings()``, an ``nn.Linear``) with
+            :func:`rdrop.rdrop_linear_cross_entropy`, so that the vocabulary logits of
+            the doubled batch ``[2B, T, V]`` never exist at once: the projection is
+            bypassed during the R-Drop forward (the output's ``logits`` are then the
+            hidden states). ``None`` (default) does so when the doubled batch would
+            hold at least 2**28 logits (1 GiB in float32) and the model allows it;
+            ``True`` always (an error names what prevents it), ``False`` never. Needs two
+            passes, a cross-entropy task with the KL, and a model that does not
+            transform its logits after the projection (``final_logit_softcapping``,
+            ``logit_scale``, ``logits_scaling``).
     """
 
     # The loss returned by compute_loss is already scaled for gradient accumulation.
@@ -199,6 +219,7 @@ class RDropTrainerMixin:
         ignore_index: int = -100,
         shift_labels: bool | None = None,
         logits_key: LogitsGetter = None,
+        hidden_state_loss: bool | None = None,
         **kwargs: Any,
     ) -> None:
         check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
@@ -218,6 +239,9 @@ class RDropTrainerMixin:
         self.rdrop_ignore_index = ignore_index
         self.rdrop_shift_labels = shift_labels
         self.rdrop_logits_key: LogitsGetter = logits_key
+        if hidden_state_loss is not None and not isinstance(hidden_state_loss, bool):
+            raise TypeError(f"hidden_state_loss must be None or a bool, got {hidden_state_loss!r}")
+        self.rdrop_hidden_state_loss = hidden_state_loss
         self._rdrop_checked = False
         self._rdrop_reset_logs()
         super().__init__(*args, **kwargs)
@@ -277,22 +301,30 @@ class RDropTrainerMixin:
         step = int(trainer.state.global_step)
         alpha = self.rdrop_schedule.alpha_at(step)
         use_rdrop = self.rdrop_schedule.applies_at(step)
-        passes, outputs = forward_passes(
-            model,
-            (),
-            batch.features,
-            batch_size=batch.batch_size(),
-            num_passes=self.rdrop_num_passes if use_rdrop else 1,
-            logits_key=self.rdrop_logits_key,
-            remedy="Fix the model, or lower per_device_train_batch_size if memory is the problem",
-            split_hint="select the logits with logits_key=",
-        )
+        num_passes = self.rdrop_num_passes if use_rdrop else 1
+        layer = self._rdrop_hidden_state_layer(unwrapped, batch, num_passes)
+        with nullcontext() if layer is None else output_layer_bypassed(layer):
+            passes, outputs = forward_passes(
+                model,
+                (),
+                batch.features,
+                batch_size=batch.batch_size(),
+                num_passes=num_passes,
+                logits_key=self.rdrop_logits_key,
+                remedy="Fix the model, or lower per_device_train_batch_size if memory is "
+                "the problem",
+                split_hint="select the logits with logits_key=",
+            )
         shift = self._rdrop_shifts(unwrapped)
         aligned = [self._rdrop_align(logits, batch, shift) for logits in passes]
         passes, target = [logits for logits, _ in aligned], aligned[0][1]
         task = self._rdrop_resolve_task(unwrapped, target)
-        result, n_local = self._rdrop_objective(passes, target, task, alpha)
-        result.logits, result.outputs = passes[0], outputs
+        if layer is None:
+            result, n_local = self._rdrop_objective(passes, target, task, alpha)
+            result.logits = passes[0]
+        else:
+            result, n_local = self._rdrop_hidden_state_objective(passes, layer, target, alpha)
+        result.outputs = outputs
         self._rdrop_record(result, use_rdrop and n_local > 0, alpha)
         counts_alike = self._rdrop_counts_like_trainer(task, batch, shift)
         counted = num_items_in_batch if counts_alike else None
@@ -341,6 +373,64 @@ class RDropTrainerMixin:
         )
         return result, n_local
 
+    def _rdrop_hidden_state_objective(
+        self, hidden: list[Tensor], layer: nn.Linear, target: Tensor, alpha: float
+    ) -> tuple[RDropOutput, int]:
+        """The R-Drop loss of two passes from their hidden states (no vocabulary logits)."""
+        n_local = int((target != self.rdrop_ignore_index).sum())
+        if n_local == 0:
+            zero = hidden[0].float().sum() * 0.0
+            return RDropOutput(zero, zero.detach(), zero.detach(), alpha), 0
+        result = rdrop_linear_cross_entropy(
+            torch.cat(hidden),
+            layer.weight,
+            target,
+            alpha,
+            bias=layer.bias,
+            ignore_index=self.rdrop_ignore_index,
+            label_smoothing=self._rdrop_label_smoothing("cross_entropy"),
+        )
+        return result, n_local
+
+    def _rdrop_hidden_state_layer(
+        self, model: nn.Module, batch: _LabeledBatch, num_passes: int
+    ) -> nn.Linear | None:
+        """The output projection to bypass for the hidden-state loss, or ``None``."""
+        setting = self.rdrop_hidden_state_loss
+        if setting is False or num_passes != 2:
+            return None
+        labels = batch.labels if batch.labels is not None else batch.shift_labels
+        assert labels is not None
+        layer = getattr(model, "get_output_embeddings", lambda: None)()
+        reason = self._rdrop_hidden_state_unsupported(model, layer, labels)
+        if reason is not None:
+            if setting is True:
+                raise ValueError(f"hidden_state_loss=True is not possible here: {reason}")
+            return None
+        assert isinstance(layer, nn.Linear)
+        if setting is None and 2 * labels.numel() * layer.out_features < _HIDDEN_STATE_MIN_LOGITS:
+            return None
+        return layer
+
+    def _rdrop_hidden_state_unsupported(
+        self, model: nn.Module, layer: Any, labels: Tensor
+    ) -> str | None:
+        """Why the loss cannot be computed from the hidden states (``None``: it can)."""
+        if not isinstance(layer, nn.Linear):
+            return f"model.get_output_embeddings() is not an nn.Linear (got {type(layer).__name__})"
+        if self.rdrop_logits_key is not None:
+            return "a logits_key is set (the hidden-state loss reads the projection's input)"
+        if self.rdrop_consistency not in (None, "kl"):
+            return f"consistency={self.rdrop_consistency!r} (it computes the KL)"
+        if self._rdrop_resolve_task(model, labels) != "cross_entropy":
+            return "the task is not cross-entropy"
+        config = getattr(model, "config", None)
+        for key in _LOGIT_TRANSFORMS:
+            value = getattr(config, key, None)
+            if value is not None and value != 1:
+                return f"the model transforms its logits after the projection ({key}={value})"
+        return None
+
     def _rdrop_counts_like_trainer(
         self, task: BuiltinTask | TaskLoss, batch: _LabeledBatch, shift: bool
     ) -> bool:
@@ -348,7 +438,7 @@ class RDropTrainerMixin:
         counts ``labels != -100`` (of ``labels[..., 1:]`` when it thinks the model shifts,
         of ``shift_labels`` when given)."""
         # Trainer._loss_shifts_labels (private; transformers >= 5) is the Trainer's own
-        # decision to count shifted labels; absent before, where it counts all labels.
+        # decision to count shifted labels; transformers < 5 lacks it and counts all labels.
         trainer_shifts = bool(getattr(self, "_loss_shifts_labels", False))
         return (task != "cross_entropy" or self.rdrop_ignore_index == -100) and (
             batch.shift_labels is not None or shift == trainer_shifts

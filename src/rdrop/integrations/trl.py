@@ -72,6 +72,14 @@ class RDropSFTTrainer(RDropTrainerMixin, SFTTrainer):
         if not isinstance(labels, Tensor):
             return
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        if isinstance(head, nn.Linear) and logits.shape[-1] != head.out_features:
+            # The hidden-state loss ran (hidden_state_loss): no vocabulary logits to score;
+            # entropy and mean_token_accuracy are not logged for this step.
+            logits = None
+        if logits is None:
+            self._rdrop_count_tokens(inputs, labels)
+            return
         with torch.no_grad():
             first = logits[: labels.shape[0], :-1, :].float()
             target = labels[:, 1:]
@@ -88,7 +96,12 @@ class RDropSFTTrainer(RDropTrainerMixin, SFTTrainer):
         metrics = self._metrics["train"]
         metrics["entropy"].append((entropy_sum / count).item() if count > 0 else 0.0)
         metrics["mean_token_accuracy"].append((correct_sum / count).item() if count > 0 else 0.0)
+        self._rdrop_count_tokens(inputs, labels)
+
+    def _rdrop_count_tokens(self, inputs: Mapping[str, Any], labels: Tensor) -> None:
+        """TRL's ``num_tokens``: the attention-mask tokens seen so far (all processes)."""
         mask = inputs.get("attention_mask")
         tokens = mask.sum() if isinstance(mask, Tensor) else torch.tensor(labels.numel())
-        self._total_train_tokens += int(gather(tokens).sum().item()) // getattr(self, "_tp_size", 1)
-        metrics["num_tokens"] = [self._total_train_tokens]
+        gathered = self.accelerator.gather_for_metrics(tokens).sum()
+        self._total_train_tokens += int(gathered.item()) // getattr(self, "_tp_size", 1)
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
