@@ -77,14 +77,10 @@ def test_unknown_schema_and_missing_keys_are_refused() -> None:
 TOY = {"epochs": 1.0, "train_size": 16, "batch_size": 2, "evals_per_epoch": 1, "probe_size": 4}
 
 
-@pytest.fixture
-def toy(monkeypatch: pytest.MonkeyPatch) -> ToyTask:
-    task = ToyTask(examples(16))
-    monkeypatch.setitem(task_registry.TASKS, "toy", task)
-    return task
-
-
-def test_the_runner_writes_a_run_record_in_field_order(tmp_path: Path, toy: ToyTask) -> None:
+def test_the_runner_writes_a_run_record_in_field_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(task_registry.TASKS, "toy", ToyTask(examples(16)))
     record = train_run(RunConfig("toy", equal_time=False, **TOY), ResultStore(tmp_path),
                        data_dir=tmp_path)  # fmt: skip
     assert list(record) == list(RunRecord.from_dict(record).to_dict())
@@ -92,8 +88,9 @@ def test_the_runner_writes_a_run_record_in_field_order(tmp_path: Path, toy: ToyT
 
 
 def test_a_divergence_found_at_a_curve_point_is_dated_to_its_step(
-    tmp_path: Path, toy: ToyTask
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setitem(task_registry.TASKS, "toy", ToyTask(examples(16)))
     # 16 steps per epoch, curve points every 4 steps: the losses are read back at step 4,
     # and the record names the first step whose loss was not finite (step 2 here).
     config = RunConfig("toy", lr=1e30, equal_time=False, **{**TOY, "batch_size": 1})

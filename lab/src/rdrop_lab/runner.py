@@ -810,8 +810,20 @@ def _select_checkpoints(
     snapshots: dict[int, State],
     costs_like_rdrop: bool,
 ) -> dict[str, Any]:
-    """The record's selections: ``None`` for each budget of a diverged run, else the
-    checkpoints of :func:`_converged_selections` or :func:`_budget_selections`."""
+    """The record's selections: ``None`` for each budget of a diverged run, the
+    checkpoints of :func:`_converged_selections` for a converging run, else those of
+    :func:`_budget_choices`, each scored once on the test split.
+
+    Args:
+        training: the run's live objects (the model is loaded with each selection).
+        budget: its steps and equal-time budget.
+        state: the loop state at the end.
+        snapshots: the models :func:`_keep_snapshots` kept.
+        costs_like_rdrop: whether the method costs what R-Drop costs per step.
+
+    Returns:
+        ``{"equal_epochs", "equal_time"(, "converged")}`` -> selection entry or ``None``.
+    """
     converges = training.config.converges
     if state.diverged_at is not None:
         names = ("equal_epochs", "equal_time", "converged") if converges else (
@@ -820,7 +832,17 @@ def _select_checkpoints(
         return dict.fromkeys(names)
     if converges:
         return _converged_selections(state)
-    return _budget_selections(training, budget, state, snapshots, costs_like_rdrop)
+    selections: dict[str, Any] = {}
+    test_scores: dict[int, dict[str, float]] = {}
+    for name, index in _budget_choices(training, budget, state, costs_like_rdrop).items():
+        if index not in test_scores:
+            training.model.load_state_dict(snapshots[index])
+            test_scores[index] = _score_test(training)
+            if name == "equal_epochs":
+                _save_selected_model(training)
+        selections[name] = _selection_entry(state.evals, index, test_scores[index])
+    selections.setdefault("equal_time", None)
+    return selections
 
 
 def _stop_reason(config: RunConfig, state: _LoopState, time_budget: float | None) -> str:
@@ -860,18 +882,19 @@ def _converged_selections(state: _LoopState) -> dict[str, Any]:
     } | {"equal_time": None}
 
 
-def _budget_selections(
-    training: _Training,
-    budget: _Budget,
-    state: _LoopState,
-    snapshots: dict[int, State],
-    costs_like_rdrop: bool,
-) -> dict[str, Any]:
-    """The checkpoints :func:`_keep_snapshots` kept: the best validation score among the
-    scheduled evaluations up to the planned epochs, and among all evaluations up to the
-    one where the time budget was reached (all of them when the max_time_factor cap
-    stopped training first; time_budget_reached then says so). The test split is scored
-    once per selected checkpoint."""
+def _budget_choices(
+    training: _Training, budget: _Budget, state: _LoopState, costs_like_rdrop: bool
+) -> dict[str, int]:
+    """The evaluations a fixed-budget run selects: the best validation score among the
+    scheduled evaluations up to the planned epochs (``equal_epochs``), and among all
+    evaluations up to the one where the time budget was reached (``equal_time``; all of
+    them when the max_time_factor cap stopped training first, time_budget_reached then
+    says so). A method that costs what R-Drop costs selects its equal-epochs checkpoint
+    for equal time; without a budget there is no equal-time choice.
+
+    Returns:
+        selection name -> evaluation index.
+    """
     if state.best_epochs is None or state.best_time is None:
         raise RuntimeError(
             f"{training.config.run_id()}: no evaluation was made (planned {budget.planned} steps)"
@@ -882,17 +905,7 @@ def _budget_selections(
         chosen["equal_time"] = state.best_epochs
     elif budget.seconds is not None:
         chosen["equal_time"] = state.best_time
-    selections: dict[str, Any] = {}
-    test_scores: dict[int, dict[str, float]] = {}
-    for name, index in chosen.items():
-        if index not in test_scores:
-            training.model.load_state_dict(snapshots[index])
-            test_scores[index] = _score_test(training)
-            if name == "equal_epochs":
-                _save_selected_model(training)
-        selections[name] = _selection_entry(state.evals, index, test_scores[index])
-    selections.setdefault("equal_time", None)
-    return selections
+    return chosen
 
 
 # --------------------------------------------------------------------------- the record
