@@ -358,6 +358,57 @@ def inference_case(which: str, cfg: dict[str, int]) -> Case:
     )
 
 
+# -- a Llama-shaped causal LM with a 128k vocabulary ---------------------------------------
+
+
+def causal_lm_case(batch: int, length: int, vocab: int, d: int, layers: int) -> Case:
+    """One training step of a Llama-shaped causal LM: a plain single pass (the model's own
+    loss), R-Drop through the logits, and R-Drop from the hidden states (``output_layer=``,
+    no ``[2B, T, V]`` logits)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1,
+        max_position_embeddings=length + 1, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, length + 1), generator=g)
+    inputs, target = ids[:, :-1], ids[:, 1:]
+    logits_path = rdrop.RDrop(model, ALPHA, warn=False)
+    hidden_path = rdrop.RDrop(model, ALPHA, warn=False, output_layer="lm_head")
+
+    def plain() -> Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=inputs, labels=inputs).loss  # shifts inside: T - 1 targets
+        loss.backward()
+        return loss
+
+    def wrapped(w: rdrop.RDrop) -> Callable[[], Tensor]:
+        def step() -> Tensor:
+            model.zero_grad(set_to_none=True)
+            loss = w(input_ids=inputs, target=target).loss
+            loss.backward()
+            return loss
+
+        return step
+
+    return Case(
+        f"Llama-shaped causal LM step: batch {batch} x {length} tokens, vocabulary {vocab}, "
+        f"d {d}, {layers} layers",
+        {
+            "plain single-pass step (model's own loss)": plain,
+            "RDrop through the logits": wrapped(logits_path),
+            "RDrop from the hidden states (output_layer='lm_head')": wrapped(hidden_path),
+        },
+        baseline="plain single-pass step (model's own loss)",
+        unit_bytes=batch * length * vocab * 4,
+        unit_label=f"one pass's {batch} x {length} x {vocab} float32 logits",
+    )
+
+
 # -- registry -------------------------------------------------------------------------------
 
 SIZES: dict[str, dict[str, dict[str, int]]] = {
@@ -367,6 +418,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "linear": {"rows": 1024, "hidden": 512, "classes": 32000},
         "classifier": {"batch": 32, "length": 64, "d": 256, "layers": 4},
         "translation": {"batch": 16, "length": 32, "d": 256, "layers": 3, "vocab": 8000},
+        "causal-lm": {"batch": 1, "length": 2048, "vocab": 128256, "d": 256, "layers": 2},
     },
     "quick": {
         "kl": {"rows": 256, "classes": 32000},
@@ -374,6 +426,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "linear": {"rows": 128, "hidden": 256, "classes": 32000},
         "classifier": {"batch": 16, "length": 32, "d": 64, "layers": 2},
         "translation": {"batch": 8, "length": 16, "d": 64, "layers": 1, "vocab": 8000},
+        "causal-lm": {"batch": 1, "length": 128, "vocab": 128256, "d": 64, "layers": 1},
     },
 }
 
@@ -390,6 +443,8 @@ def build(name: str, cfg: dict[str, int]) -> Case:
         return classifier_case(**cfg)
     if name == "translation":
         return translation_case(**cfg)
+    if name == "causal-lm":
+        return causal_lm_case(**cfg)
     if name.startswith("inference-"):
         return inference_case(name.split("-", 1)[1], cfg)
     raise ValueError(f"unknown case {name!r}")

@@ -55,6 +55,7 @@ PLAN: dict[str, dict[str, Any]] = {
         "reps": (21, 5),
         "min_seconds": 0.2,
     },
+    "causal-lm": {"memory": ("all", "all"), "reps": (3, 3)},
     "inference-classifier": {"memory": (None, None), "reps": (21, 5), "min_seconds": 0.2},
     "inference-translation": {"memory": (None, None), "reps": (21, 5), "min_seconds": 0.2},
 }
