@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 
 try:
+    import transformers
+    from packaging.version import Version
     from transformers import Trainer
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError(
@@ -79,6 +81,16 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # transformers >= 5 lets compute_loss declare that it already scaled the loss for
 # gradient accumulation; older versions decide from ``model_accepts_loss_kwargs``.
 _TRAINER_HAS_GA_FLAG = hasattr(Trainer, "loss_is_scaled_for_ga")
+# transformers 4.48 - 4.x divide a custom compute_loss's result by the accumulation steps
+# when model_accepts_loss_kwargs is False; 4.46 and 4.47 never divide it.
+_TRAINER_DIVIDES_WITHOUT_LOSS_KWARGS = Version(transformers.__version__) >= Version("4.48")
+
+
+def _trainer_divides_for_accumulation(trainer: Any) -> bool:
+    """Whether ``Trainer.training_step`` divides the returned loss by the accumulation steps."""
+    if _TRAINER_HAS_GA_FLAG:
+        return False  # the mixin declares loss_is_scaled_for_ga = True
+    return _TRAINER_DIVIDES_WITHOUT_LOSS_KWARGS and not trainer.model_accepts_loss_kwargs
 
 
 def scale_for_gradient_accumulation(
@@ -94,8 +106,9 @@ def scale_for_gradient_accumulation(
         loss / gradient_accumulation    otherwise (equal micro-batches)
 
     and, with ``average_tokens_across_devices``, times the number of processes (``N`` is
-    then the count over all of them, while DDP averages the gradients). On transformers
-    < 5 the loss is returned as it is: the Trainer divides it by the accumulation steps.
+    then the count over all of them, while DDP averages the gradients). Where the Trainer
+    itself divides the loss by the accumulation steps (transformers 4.48 to 4.x without
+    ``model_accepts_loss_kwargs``) the loss is returned as it is.
 
     Example:
         >>> import torch
@@ -116,7 +129,7 @@ def scale_for_gradient_accumulation(
     Returns:
         The loss to backpropagate.
     """
-    if not _TRAINER_HAS_GA_FLAG:
+    if _trainer_divides_for_accumulation(trainer):
         return loss
     args: Any = trainer.args
     if num_items_in_batch is not None and args.n_gpu <= 1:
@@ -253,9 +266,11 @@ class RDropTrainerMixin:
                 "loss itself; pass task=<callable (logits, labels) -> loss> instead"
             )
         if not _TRAINER_HAS_GA_FLAG:
-            # transformers < 5: with this False the Trainer divides the (per-batch mean)
-            # loss by gradient_accumulation_steps exactly once.
-            trainer.model_accepts_loss_kwargs = False
+            # transformers 4.48 - 4.x: with this False the Trainer divides the per-batch
+            # mean by the accumulation steps (and logs it so). 4.46 - 4.47 never divide:
+            # with True they count the items, the mixin scales by them, and the logged
+            # loss (not divided there either) stays right.
+            trainer.model_accepts_loss_kwargs = not _TRAINER_DIVIDES_WITHOUT_LOSS_KWARGS
         if trainer.model is not None:
             self._rdrop_check_setup(trainer.model)
 
@@ -517,7 +532,10 @@ class RDropTrainerMixin:
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         except ImportError:  # pragma: no cover
             return False
-        return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        # A PEFT model wraps the transformers model (PeftModelForCausalLM): look inside.
+        get_base_model = getattr(model, "get_base_model", None)
+        base = get_base_model() if callable(get_base_model) else model
+        return type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
     def _rdrop_check_setup(self, model: nn.Module) -> None:
         if self._rdrop_checked:
