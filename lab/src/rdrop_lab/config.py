@@ -266,9 +266,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict[str, Any]:
-        """What :meth:`run_id` hashes: every field, except fields added after results were
-        recorded (:data:`_OPTIONAL_IN_ID`) while they hold their default, so a config that
-        leaves them alone keeps the run id it had before they existed."""
+        """What :meth:`run_id` hashes: every field, except those of :data:`_OPTIONAL_IN_ID`
+        while they hold their default, so a config that leaves them at the default hashes
+        as one without them."""
         data = self.to_dict()
         for name, default in _OPTIONAL_IN_ID.items():
             if _same_value(data[name], default):
@@ -285,8 +285,7 @@ class RunConfig:
 
 _RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
-#: Fields added after the first results were recorded: left out of the run id while they
-#: hold their default (name -> default).
+#: Fields left out of the run id while they hold their default (name -> default).
 _OPTIONAL_IN_ID: dict[str, Any] = {
     name: _RUN_FIELDS[name].default
     for name in (

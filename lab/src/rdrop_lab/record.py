@@ -5,11 +5,10 @@
 reads any schema this lab has written:
 
 * schema 2 (:data:`SCHEMA`): the current keys.
-* schema 1 (or no ``schema`` key): records written before training to convergence,
-  divergence handling, resumable checkpoints and the CPU-time budget clock. They lack
-  ``max_steps``, ``steps_per_epoch``, ``clock``, ``train_wall_seconds``, ``converged``,
-  ``stop_reason``, ``diverged``, ``diverged_at_step`` and ``resumes``, and the oldest also
-  ``time_budget_sources`` and ``method_info``; :func:`migrate` fills them in.
+* schema 1 (or no ``schema`` key): records without the keys ``max_steps``,
+  ``steps_per_epoch``, ``clock``, ``train_wall_seconds``, ``converged``, ``stop_reason``,
+  ``diverged``, ``diverged_at_step`` and ``resumes``; some also lack
+  ``time_budget_sources`` and ``method_info``. :func:`migrate` fills them in.
 
 Example:
     >>> old = {"schema": 1, "steps": 10, "epochs_run": 2.0, "train_seconds": 3.0,
@@ -113,7 +112,7 @@ class RunRecord:
         return cls(**{name: current[name] for name in names})
 
 
-#: The keys every schema-1 record has (the oldest lack ``method_info`` and
+#: The keys every schema-1 record has (some lack ``method_info`` and
 #: ``time_budget_sources`` too, which :func:`migrate` adds).
 _SCHEMA_1_KEYS = (
     "run_id",
