@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from rdrop._batch import LogitsGetter, find_batch_size, forward_passes
+from rdrop._batch import LogitsGetter, find_batch_size
 from rdrop._dropout import active_dropout_modules
+from rdrop._passes import forward_passes
 from rdrop.functional import ConsistencyKind, multi_pass_consistency
 
 __all__ = ["ProbeResult", "dropout_consistency"]

@@ -10,10 +10,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rdrop._batch import LogitsGetter, extract_logits, find_batch_size, forward_passes
+from rdrop._batch import LogitsGetter, extract_logits, find_batch_size
+from rdrop._branch import resolve_branch
 from rdrop._checks import check_alpha, check_int
 from rdrop._dropout import active_dropout_modules, dropout_rate, training_batchnorm_modules
 from rdrop._output_layer import output_layer_bypassed, resolve_output_layer
+from rdrop._passes import forward_passes
 from rdrop.functional import ConsistencyKind
 from rdrop.fused import rdrop_linear_cross_entropy
 from rdrop.losses import BuiltinTask, RDropLoss, RDropOutput, TaskLoss
@@ -91,6 +93,18 @@ class RDrop(nn.Module):
         logits_key: where the logits are in the model output: ``None`` (auto: a tensor,
             ``output["logits"]``, ``output.logits`` or ``output[0]``), a key or attribute
             name, a tuple index, or a callable.
+        branch_at: partial-depth R-Drop: the module (or its dotted name, e.g.
+            ``"encoder.layer.4"``) from which the layers run on ``m`` copies of their
+            input; the layers below it run once on ``x``, so their dropout is shared by
+            the passes and only the upper layers' dropout differs. Every batched input
+            (first dimension ``B``) of a module called from the branch point on is
+            repeated too, so attention masks and position embeddings stay consistent.
+            Cost: ``(c_low + m * c_up) / (c_low + c_up)`` of a plain step, against ``m``.
+            The branch module itself, or a dropout at or above it, must be where the
+            passes should start to differ (for a Hugging Face classifier's head-only
+            variant, branch at the ``dropout`` before ``classifier``). Needs
+            ``mode="concat"``, ``stop_gradient=False`` and no ``dropout_rates``. **Not in
+            the paper.**
         output_layer: the model's ``nn.Linear`` output projection (or its name, e.g.
             ``"lm_head"``) to compute the R-Drop loss from the hidden states with
             :func:`rdrop.rdrop_linear_cross_entropy`: during the R-Drop forward the layer
@@ -124,6 +138,7 @@ class RDrop(nn.Module):
         check_finite: bool = True,
         warn: bool = True,
         output_layer: nn.Module | str | None = None,
+        branch_at: nn.Module | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -200,6 +215,18 @@ class RDrop(nn.Module):
         object.__setattr__(self, "output_layer", layer)
         if layer is not None:
             self._check_hidden_state_loss()
+        self.branch_at: str | None = None
+        self._branch: nn.Module | None
+        object.__setattr__(self, "_branch", None)
+        if branch_at is not None:
+            if mode != "concat" or stop_gradient or dropout_rates is not None:
+                raise ValueError(
+                    "branch_at needs mode='concat', stop_gradient=False and no dropout_rates "
+                    "(the upper layers run once on the repeated batch)"
+                )
+            name, module = resolve_branch(model, branch_at)
+            self.branch_at = name
+            object.__setattr__(self, "_branch", module)
         self.step = 0
         self._warned: set[str] = set()
 
@@ -299,6 +326,7 @@ class RDrop(nn.Module):
             remedy="If it cannot, use RDrop(..., mode='sequential')",
             split_hint="for sequence-first models use batch_first=True, or select the "
             "logits with logits_key=",
+            branch=None if self._branch is None else (self.model, self._branch),
         )
 
     def _check_hidden_state_loss(self) -> None:
@@ -426,4 +454,6 @@ class RDrop(nn.Module):
             parts.append("stop_gradient=True")
         if self.output_layer is not None:
             parts.append("output_layer=" + type(self.output_layer).__name__)
+        if self.branch_at is not None:
+            parts.append(f"branch_at={self.branch_at!r}")
         return ", ".join(parts)

@@ -91,7 +91,11 @@ def test_every_method_declares_cost_alpha_and_options() -> None:
     expected = {
         # name: (uses_alpha, costs_like_rdrop, options)
         "baseline": (False, False, set()),
-        "rdrop": (True, True, {"every_k_steps", "num_passes", "dropout_rates", "stop_gradient"}),
+        "rdrop": (
+            True,
+            True,
+            {"every_k_steps", "num_passes", "dropout_rates", "stop_gradient", "branch_at"},
+        ),
         "doubled_batch": (False, True, set()),
         "label_smoothing": (False, False, {"label_smoothing"}),
         "mixup": (False, False, {"mixup_alpha"}),

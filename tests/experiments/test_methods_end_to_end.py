@@ -51,6 +51,7 @@ RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "m3": ("sst2", "rdrop", {"num_passes": 3}),
     "rates": ("sst2", "rdrop", {"dropout_rates": (0.1, 0.3)}),
     "stop_grad": ("sst2", "rdrop", {"stop_gradient": True}),
+    "branch": ("sst2", "rdrop", {"branch_at": "bert.encoder.layer.4"}),
     "stsb_rdrop_mixup": ("stsb", "rdrop_mixup", {}),
     "few_shot_baseline": ("sst2", "baseline", {"shots_per_class": 2, "data_seed": 1}),
     "semi": ("sst2", "rdrop_semi", {"shots_per_class": 2, "data_seed": 1, "unlabeled_size": 6}),

@@ -131,6 +131,7 @@ _RUN_OPTIONS = (
     "manifold_mixup_alpha",
     "fgm_epsilon",
     "unlabeled_size",
+    "branch_at",
     "patience",
     "max_epochs",
     "min_steps",
@@ -507,6 +508,11 @@ def _parser() -> argparse.ArgumentParser:
         "--stop-gradient",
         action="store_true",
         help="passes 2..m without gradient, as the KL target only (not in the paper)",
+    )
+    ablations.add_argument(
+        "--branch-at",
+        help="partial-depth R-Drop: the module (dotted name) from which the layers run on "
+        "the repeated batch (not in the paper)",
     )
     regularizers = run.add_argument_group("regularizer hyper-parameters")
     regularizers.add_argument(

@@ -111,6 +111,9 @@ class RunConfig:
     dropout_rates: tuple[float, ...] | None = None
     #: Passes 2..m without gradient, used only as the KL target (not in the paper).
     stop_gradient: bool = False
+    #: Partial-depth R-Drop: the module (dotted name) from which the layers run on the
+    #: repeated batch; ``None`` = the whole model (not in the paper).
+    branch_at: str | None = None
     # -- Regularizers' hyper-parameters (``None``: the method's documented default). -----
     #: Label smoothing of the ``label_smoothing`` methods (default 0.1).
     label_smoothing: float | None = None
@@ -187,6 +190,10 @@ class RunConfig:
                 raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.stop_gradient, bool):
             raise ConfigError(f"stop_gradient must be true or false, got {self.stop_gradient!r}")
+        if self.branch_at is not None and (
+            not isinstance(self.branch_at, str) or not self.branch_at
+        ):
+            raise ConfigError(f"branch_at must be a module name, got {self.branch_at!r}")
         if self.dropout_rates is not None:
             rates = self.dropout_rates
             if isinstance(rates, (str, bytes)) or not isinstance(rates, (list, tuple)):
@@ -293,6 +300,7 @@ _OPTIONAL_IN_ID: dict[str, Any] = {
         "num_passes",
         "dropout_rates",
         "stop_gradient",
+        "branch_at",
         "label_smoothing",
         "mixup_alpha",
         "manifold_mixup_alpha",
@@ -311,6 +319,7 @@ ABLATION_DEFAULTS: dict[str, Any] = {
     "num_passes": 2,
     "dropout_rates": None,
     "stop_gradient": False,
+    "branch_at": None,
 }
 
 #: Fields only some methods read (each :class:`MethodSpec` says which). Suites give them

@@ -46,9 +46,11 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
         "pip install 'torch-rdrop[hf]' (or pip install transformers accelerate)"
     ) from error
 
-from rdrop._batch import LogitsGetter, extract_logits, forward_passes
+from rdrop._batch import LogitsGetter, extract_logits
+from rdrop._branch import resolve_branch
 from rdrop._checks import check_int
 from rdrop._output_layer import output_layer_bypassed
+from rdrop._passes import forward_passes
 from rdrop.functional import _KINDS, ConsistencyKind
 from rdrop.fused import rdrop_linear_cross_entropy
 from rdrop.integrations._hf_batch import (
@@ -205,6 +207,10 @@ class RDropTrainerMixin:
             used as the target as it is.
         logits_key: where the logits are in the model output (default ``"logits"``, a
             ``.logits`` attribute or the first tuple item; see :class:`rdrop.RDrop`).
+        branch_at: partial-depth R-Drop (see :class:`rdrop.RDrop`): the module or dotted
+            name (e.g. ``"bert.encoder.layer.4"``, or ``"dropout"`` before a classifier
+            head) from which the layers run on ``num_passes`` copies; the layers below it
+            run once. **Not in the paper.**
         hidden_state_loss: compute the R-Drop loss from the last hidden states and the
             output projection (``model.get_output_embeddings()``, an ``nn.Linear``) with
             :func:`rdrop.rdrop_linear_cross_entropy`, so that the vocabulary logits of
@@ -233,6 +239,7 @@ class RDropTrainerMixin:
         shift_labels: bool | None = None,
         logits_key: LogitsGetter = None,
         hidden_state_loss: bool | None = None,
+        branch_at: nn.Module | str | None = None,
         **kwargs: Any,
     ) -> None:
         check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
@@ -255,6 +262,11 @@ class RDropTrainerMixin:
         if hidden_state_loss is not None and not isinstance(hidden_state_loss, bool):
             raise TypeError(f"hidden_state_loss must be None or a bool, got {hidden_state_loss!r}")
         self.rdrop_hidden_state_loss = hidden_state_loss
+        if branch_at is not None and not isinstance(branch_at, (str, nn.Module)):
+            raise TypeError(
+                f"branch_at must be a module or its name, got {type(branch_at).__name__}"
+            )
+        self.rdrop_branch_at = branch_at
         self._rdrop_checked = False
         self._rdrop_reset_logs()
         super().__init__(*args, **kwargs)
@@ -273,6 +285,7 @@ class RDropTrainerMixin:
             trainer.model_accepts_loss_kwargs = not _TRAINER_DIVIDES_WITHOUT_LOSS_KWARGS
         if trainer.model is not None:
             self._rdrop_check_setup(trainer.model)
+            self._rdrop_branch(trainer.model)  # a wrong branch_at fails here, not mid-run
 
     # -- the loss ------------------------------------------------------------------------
     def compute_loss(
@@ -329,6 +342,7 @@ class RDropTrainerMixin:
                 remedy="Fix the model, or lower per_device_train_batch_size if memory is "
                 "the problem",
                 split_hint="select the logits with logits_key=",
+                branch=self._rdrop_branch(unwrapped) if num_passes > 1 else None,
             )
         shift = self._rdrop_shifts(unwrapped)
         aligned = [self._rdrop_align(logits, batch, shift) for logits in passes]
@@ -387,6 +401,12 @@ class RDropTrainerMixin:
             label_smoothing=smoothing,
         )
         return result, n_local
+
+    def _rdrop_branch(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """``(model, branch module)`` for partial-depth R-Drop, or ``None``."""
+        if self.rdrop_branch_at is None:
+            return None
+        return model, resolve_branch(model, self.rdrop_branch_at)[1]
 
     def _rdrop_hidden_state_objective(
         self, hidden: list[Tensor], layer: nn.Linear, target: Tensor, alpha: float

@@ -90,6 +90,7 @@ def rdrop_wrapper(
             "dropout_rates": config.dropout_rates,
             "stop_gradient": config.stop_gradient,
             "mode": "sequential" if config.dropout_rates is not None else "concat",
+            "branch_at": config.branch_at,
         }
     wrapped = rdrop.RDrop(
         model,
@@ -185,6 +186,8 @@ class RDropMethod(Method):
     def cost_for(self, config: RunConfig) -> float:
         m, k = config.num_passes, config.every_k_steps
         per_consistency_step = 1.0 + 0.35 * (m - 1) if config.stop_gradient else float(m)
+        if config.branch_at is not None:  # an estimate for the progress display only
+            per_consistency_step = 1.0 + 0.5 * (m - 1)
         return (per_consistency_step + (k - 1)) / k
 
     def settings(self, task: Task, config: RunConfig) -> dict[str, Any]:
@@ -194,6 +197,7 @@ class RDropMethod(Method):
             "dropout_rates": None if config.dropout_rates is None else list(config.dropout_rates),
             "stop_gradient": config.stop_gradient,
             "mode": "sequential" if config.dropout_rates is not None else "concat",
+            "branch_at": config.branch_at,
         }
 
     def prepare(

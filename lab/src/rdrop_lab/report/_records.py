@@ -46,6 +46,7 @@ _OPTION_LABELS = {
     "num_passes": "m=",
     "dropout_rates": "p=",
     "stop_gradient": "stop-grad",
+    "branch_at": "branch@",
     "label_smoothing": "ε_ls=",
     "mixup_alpha": "α_mix=",
     "manifold_mixup_alpha": "α_mm=",
