@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from rdrop import _cpu_kernel
 from rdrop._checks import check_class_ids, check_mask
 from rdrop._double_backward import (
     building_graph,
@@ -642,7 +643,17 @@ def fused_rows(
     cross-entropy rows; ``kl_keep`` (``[R]`` bool or ``None`` = all) the KL rows. Rows not
     kept are exactly 0 in value and gradient. ``ce`` is the unreduced (label-smoothed)
     cross-entropy of pass a (row 0) and pass b (row 1).
+
+    On CPU (float32, bf16, fp16) the C++ row kernel (:mod:`rdrop._cpu_kernel`) runs
+    unless ``chunk_size`` is given (which selects this module's chunked ATen kernel), the
+    kernel cannot be built, or ``RDROP_NO_CPP=1``; rows that are not finite (NaN or
+    ``+inf`` logits, a class ``-inf`` in one pass only) make the call rerun with the ATen
+    kernel, which defines those cases.
     """
+    if chunk_size is None and _cpu_kernel.supports(x):
+        found = _cpu_kernel.rows(x, y, target, ce_keep, kl_keep, smoothing)
+        if found is not None:
+            return found
     spec = _RowsSpec(float(smoothing), _rows_per_chunk(x.shape[-1], chunk_size))
     return _FusedRows.apply(x, y, target, ce_keep, kl_keep, spec)
 
