@@ -60,11 +60,16 @@ from rdrop._double_backward import (
 )
 
 __all__ = [
+    "ATEN_KL_MIN_NUMEL",
+    "CPP_KL_MIN_NUMEL",
+    "CPP_MIN_NUMEL",
     "DEFAULT_CHUNK_NUMEL",
     "FUSED_MIN_NUMEL",
     "ChunkMath",
     "chunked_symmetric_kl",
+    "auto_min_numel",
     "concatenated_base",
+    "direct_symmetric_kl",
     "fused_rows",
     "fused_terms",
     "fused_unsupported",
@@ -84,6 +89,13 @@ LINEAR_CHUNK_NUMEL = 1 << 23
 # rdrop_loss(implementation="auto") uses the fused kernel from this many logits per pass
 # on (below it the plain autograd graph is as fast; see benchmarks/).
 FUSED_MIN_NUMEL = 1 << 15
+# The same thresholds when the C++ row kernel runs (CPU; measured at 1 thread by the shape
+# sweep of benchmarks/): it beats the plain graph from a few hundred logits for the loss
+# (CE + KL) and from ~2**14 for the KL alone, whose plain graph is lighter.
+CPP_MIN_NUMEL = 1 << 9
+CPP_KL_MIN_NUMEL = 1 << 14
+# symmetric_kl(implementation="auto") with the ATen kernel.
+ATEN_KL_MIN_NUMEL = 1 << 18
 # Gather the live rows when at least this fraction of rows is dead (masked and ignored).
 # Below it, computing the dead rows and zeroing them afterwards is cheaper than the
 # gather/scatter (measured at 512 x 8000: 25% dead 0.84x the time of gathering, 50% 1.4x).
@@ -656,6 +668,41 @@ def fused_rows(
             return found
     spec = _RowsSpec(float(smoothing), _rows_per_chunk(x.shape[-1], chunk_size))
     return _FusedRows.apply(x, y, target, ce_keep, kl_keep, spec)
+
+
+def auto_min_numel(x: Tensor, *, kl_only: bool) -> int:
+    """Logits per pass from which ``implementation="auto"`` picks the fused kernel.
+
+    Args:
+        x: the logits of one pass (their device and dtype pick the kernel).
+        kl_only: the symmetric KL alone (``symmetric_kl``) rather than the R-Drop loss.
+
+    Returns:
+        The threshold of the kernel that would run (the C++ one when it applies and
+        builds, building it on first use, else the ATen one).
+    """
+    if _cpu_kernel.supports(x) and _cpu_kernel.load() is not None:
+        return CPP_KL_MIN_NUMEL if kl_only else CPP_MIN_NUMEL
+    return ATEN_KL_MIN_NUMEL if kl_only else FUSED_MIN_NUMEL
+
+
+def direct_symmetric_kl(logits_a: Tensor, logits_b: Tensor, mask: Tensor | None) -> Tensor | None:
+    """Per-item symmetric KL through the C++ row kernel, or ``None`` when it does not apply.
+
+    Args:
+        logits_a, logits_b: the two passes' logits (same shape and dtype).
+        mask: items kept (``None``: all); the others are 0.
+
+    Returns:
+        The per-item KL (item shape = ``logits_a.shape[:-1]``), or ``None`` when the kernel
+        is unavailable or some kept row is not finite or has no distribution (all
+        ``-inf``): the caller then takes the ATen path, which defines those cases.
+    """
+    if not _cpu_kernel.supports(logits_a):
+        return None
+    keep = None if mask is None else mask.reshape(-1)
+    found = _cpu_kernel.rows(logits_a, logits_b, None, None, keep, 0.0)
+    return None if found is None else found[0].reshape(logits_a.shape[:-1])
 
 
 def chunked_symmetric_kl(

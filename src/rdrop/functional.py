@@ -3,7 +3,8 @@
 Every function here takes the outputs of two (or more) dropout passes and returns their
 disagreement. They are pure (no state) and compute in float32 or wider whatever the input
 dtype. The plain-autograd paths never synchronise with the host; the fused kernel
-(``implementation="fused"``, the default from 2**18 logits) reads a few flags back per
+(``implementation="fused"``, the default from 2**14 logits on CPU with the C++ kernel,
+2**18 otherwise) reads a few flags back per
 call (rows that are ``-inf`` throughout, the masked rows it skips, NaN repairs), which is
 a host synchronisation on a GPU. They share one convention for masks and reductions:
 
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from rdrop._checks import check_int, check_mask
-from rdrop._fused_kernel import chunked_symmetric_kl
+from rdrop._fused_kernel import auto_min_numel, chunked_symmetric_kl, direct_symmetric_kl
 
 __all__ = [
     "ConsistencyKind",
@@ -51,9 +52,6 @@ KLImplementation = Literal["auto", "fused", "reference"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _KINDS = ("kl", "mse", "bernoulli_kl")
-# Below this many logits the plain autograd graph is as fast as the fused kernel; above
-# it the kernel wins on time and memory.
-_FUSED_KL_MIN_NUMEL = 1 << 18
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -174,9 +172,10 @@ def symmetric_kl(
             (the word :func:`rdrop.rdrop_loss` uses for the same kernel; ``"chunked"`` is
             a deprecated alias); ``"reference"`` is the plain autograd graph (double
             backward works on both); ``"auto"`` (default) picks ``"fused"`` for inputs of
-            at least 2**18 logits.
+            at least 2**14 logits on CPU when the C++ row kernel is available (float32,
+            bf16, fp16; see :mod:`rdrop._cpu_kernel`), else 2**18.
         chunk_size: rows per chunk for the fused kernel (default: about 2**18 logits a
-            chunk).
+            chunk); giving it selects the chunked ATen kernel over the C++ one.
 
     Returns:
         A float32 tensor (float64 for float64 inputs): a scalar, or the item shape for
@@ -206,19 +205,24 @@ def symmetric_kl(
     _check_pair(logits_a, logits_b)
     _check_reduction(reduction)
     check_mask(mask, logits_a.shape[:-1], "the logits' shape without the last dimension")
-    dead, one_sided = _impossible_rows(logits_a, logits_b, mask)
     if implementation == "reference" or (
-        implementation == "auto" and logits_a.numel() < _FUSED_KL_MIN_NUMEL
+        implementation == "auto" and logits_a.numel() < auto_min_numel(logits_a, kl_only=True)
     ):
+        dead, one_sided = _impossible_rows(logits_a, logits_b, mask)
         per_item = symmetric_kl_reference(logits_a, logits_b, _kept(mask, dead), "none")
-    else:
-        if chunk_size is not None:
-            check_int("chunk_size", chunk_size, 1)
+        return _reduce(_infinite_where(per_item, one_sided), mask, reduction)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
+    # The C++ row kernel first (no pre-pass over the logits); None when it does not apply.
+    per_item = direct_symmetric_kl(logits_a, logits_b, mask) if chunk_size is None else None
+    if per_item is None:
+        dead, one_sided = _impossible_rows(logits_a, logits_b, mask)
         # The kernel skips masked rows; it sees the caller's mask unless a row has no
         # distribution at all (one flag read back: the kernel synchronises anyway).
         live = _kept(mask, dead) if bool(dead.any()) else mask
         per_item = chunked_symmetric_kl(logits_a, logits_b, live, chunk_size)
-    return _reduce(_infinite_where(per_item, one_sided), mask, reduction)
+        per_item = _infinite_where(per_item, one_sided)
+    return _reduce(per_item, mask, reduction)
 
 
 def _impossible_rows(a: Tensor, b: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

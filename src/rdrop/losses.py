@@ -31,7 +31,7 @@ from rdrop._checks import (
     check_mask,
 )
 from rdrop._fused_kernel import (
-    FUSED_MIN_NUMEL,
+    auto_min_numel,
     concatenated_base,
     fused_terms,
     fused_unsupported,
@@ -295,7 +295,8 @@ def rdrop_loss(
             one gradient for the concatenated logits when the passes are the two halves
             of one tensor (as :class:`rdrop.RDrop` produces them); ``"reference"`` is the
             plain autograd graph (supports double backward); ``"auto"`` (default) uses
-            ``"fused"`` where it applies and the passes hold at least 2**15 logits each.
+            ``"fused"`` where it applies and the passes hold at least 2**15 logits each
+            (2**9 on CPU when the C++ row kernel is available).
 
     Returns:
         :class:`RDropOutput` with ``loss``, ``task_loss`` and ``consistency_loss``.
@@ -342,7 +343,8 @@ def rdrop_loss(
         if reason is not None and implementation == "fused":
             raise ValueError(f"implementation='fused' does not support {reason}")
         fused = reason is None and (
-            implementation == "fused" or passes[0].numel() >= FUSED_MIN_NUMEL
+            implementation == "fused"
+            or passes[0].numel() >= auto_min_numel(passes[0], kl_only=False)
         )
     if fused:
         a, b = passes

@@ -32,6 +32,9 @@
 
 #include <cmath>
 #include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <limits>
 #include <optional>
 #include <vector>
@@ -349,6 +352,24 @@ void backward_impl(
   });
 }
 
+// Ask the kernel to back a large, not yet touched output with transparent huge pages
+// (when THP is in "madvise" mode): first-touch page faults of a fresh logits-sized
+// gradient otherwise cost about as much as computing it. A hint only; errors ignored.
+void advise_huge_pages(const std::optional<Tensor>& out) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (!out.has_value() || out->nbytes() < 4 * kHuge) {
+    return;
+  }
+  const auto begin = reinterpret_cast<uintptr_t>(out->data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + out->nbytes()) & ~(kHuge - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+}
+
 void check_pair(const Tensor& a, const Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.sizes() == a.sizes(), "rdrop_cpu: a and b must be [R, V]");
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "rdrop_cpu: rows must be contiguous");
@@ -390,6 +411,8 @@ void rows_backward(
     const std::optional<Tensor>& grad_a,
     const std::optional<Tensor>& grad_b) {
   check_pair(a, b);
+  advise_huge_pages(grad_a);
+  advise_huge_pages(grad_b);
   switch (a.scalar_type()) {
     case at::kFloat:
       return backward_impl<float>(a, b, stats, target, w_kl, w_ce, smoothing, grad_a, grad_b);
