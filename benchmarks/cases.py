@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rdrop
-from rdrop.fused import rdrop_linear_cross_entropy
+from rdrop.fused import rdrop_cross_entropy, rdrop_linear_cross_entropy
 
 from .references import log_target_kl, official_readme_kl, official_readme_loss, relative_error
 
@@ -32,6 +32,52 @@ class Case:
     unit_label: str = ""
     notes: dict[str, str] = field(default_factory=dict)
     check: Callable[[], dict[str, float]] | None = None
+
+
+# -- torch.compile baselines and the exp floor ---------------------------------------------
+
+# Exponentials per logit (per pass) of the C++ row kernel: exp(z - max) in forward,
+# exp(z - lse) again in backward.
+EXPS_PER_LOGIT = 2
+
+
+def naive_kl(a: Tensor, b: Tensor) -> Tensor:
+    """The naive symmetric KL, mean over rows: ``0.5 * sum((p - q)(log p - log q)) / N``."""
+    la, lb = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+    return 0.5 * ((la.exp() - lb.exp()) * (la - lb)).sum() / a.shape[0]
+
+
+def naive_loss(logits: Tensor, target: Tensor, alpha: float) -> Tensor:
+    """The naive R-Drop loss as rdrop_loss defines it: mean CE over the real targets of both
+    passes + alpha/2 x the mean symmetric KL over the rows with a real target."""
+    a, b = logits.chunk(2)
+    ce = 0.5 * (F.cross_entropy(a, target) + F.cross_entropy(b, target))
+    keep = (target != -100).unsqueeze(1)
+    la, lb = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+    kl = 0.5 * (((la.exp() - lb.exp()) * (la - lb)) * keep).sum() / keep.sum()
+    return ce + 0.5 * alpha * kl
+
+
+def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``torch.compile(fn)`` (inductor, the default backend)."""
+    return torch.compile(fn, dynamic=False)
+
+
+def exp_floor(x: Tensor, exps: int) -> Callable[[], None]:
+    """``exps`` passes of ``torch.exp`` over ``x``'s elements into a preallocated buffer."""
+    out = torch.empty_like(x)
+    src = x.detach()
+
+    def step() -> None:
+        for _ in range(exps):
+            torch.exp(src, out=out)
+
+    return step
+
+
+def aten_chunk(classes: int) -> int:
+    """Rows per chunk of the chunked ATen kernel's default (giving it selects that kernel)."""
+    return max(1, (1 << 18) // max(classes, 1))
 
 
 # -- consistency term ---------------------------------------------------------------------
@@ -58,6 +104,13 @@ def kl_case(rows: int, classes: int) -> Case:
             lambda x, y: rdrop.symmetric_kl(x, y, implementation="reference")
         ),
         "rdrop chunked kernel (default)": run(lambda x, y: rdrop.symmetric_kl(x, y)),
+        "rdrop ATen chunked kernel (RDROP_NO_CPP path)": run(
+            lambda x, y: rdrop.symmetric_kl(x, y, chunk_size=aten_chunk(classes))
+        ),
+        "torch.compile of the naive formula": run(compiled(naive_kl)),
+        f"exp floor: {2 * EXPS_PER_LOGIT} torch.exp passes over [{rows}, {classes}]": exp_floor(
+            a, 2 * EXPS_PER_LOGIT
+        ),
     }
 
     def check() -> dict[str, float]:
@@ -102,12 +155,22 @@ def loss_case(rows: int, classes: int) -> Case:
         passes = list(logits.split(rows))
         return rdrop.rdrop_loss(passes, target, ALPHA, implementation=impl).loss  # type: ignore[arg-type]
 
+    compiled_loss = compiled(naive_loss)
     variants = {
         "official README recipe (2x CE + softmax-target KL)": run(
             lambda: official_readme_loss(logits, target, ALPHA)
         ),
         "rdrop_loss reference (CE on cat + plain KL)": run(lambda: rdrop_loss("reference")),
         "rdrop_loss fused (default)": run(lambda: rdrop_loss("auto")),
+        "rdrop_cross_entropy ATen chunked kernel (RDROP_NO_CPP path)": run(
+            lambda: rdrop_cross_entropy(logits, target, ALPHA, chunk_size=aten_chunk(classes)).loss
+        ),
+        "torch.compile of the naive formula": run(
+            lambda: compiled_loss(logits, target, ALPHA)  # type: ignore[no-any-return]
+        ),
+        f"exp floor: {EXPS_PER_LOGIT} torch.exp passes over [{2 * rows}, {classes}]": exp_floor(
+            logits, EXPS_PER_LOGIT
+        ),
     }
 
     def check() -> dict[str, float]:
@@ -409,6 +472,63 @@ def causal_lm_case(batch: int, length: int, vocab: int, d: int, layers: int) -> 
     )
 
 
+# -- shape sweep: the auto crossover ---------------------------------------------------------
+
+SWEEP_SHAPES = [
+    (64, 10),
+    (64, 100),
+    (256, 100),
+    (64, 1000),
+    (256, 1000),
+    (1024, 1000),
+    (1024, 8000),
+    (2048, 32000),
+    (8192, 128000),
+]
+# From this many logits per pass, only the kernel variants run (a 8192 x 128000 float32
+# tensor is 4 GB; the plain graph would need several more of them).
+SWEEP_KERNEL_ONLY_NUMEL = 1 << 28
+
+
+def sweep_case(what: str, rows: int, classes: int) -> Case:
+    """``what`` = "kl" or "loss" at one shape: plain graph, fused kernel, and "auto"."""
+    g = torch.Generator().manual_seed(6)
+    big = rows * classes >= SWEEP_KERNEL_ONLY_NUMEL
+    if what == "kl":
+        a = torch.randn(rows, classes, generator=g).requires_grad_()
+        b = torch.randn(rows, classes, generator=g).requires_grad_()
+
+        def kl(impl: str) -> Callable[[], None]:
+            def step() -> None:
+                a.grad = b.grad = None
+                rdrop.symmetric_kl(a, b, implementation=impl).backward()  # type: ignore[arg-type]
+
+            return step
+
+        impls = {"reference": kl("reference"), "fused": kl("fused"), "auto": kl("auto")}
+    else:
+        logits = torch.randn(2 * rows, classes, generator=g).requires_grad_()
+        target = torch.randint(0, classes, (rows,), generator=g)
+
+        def loss(impl: str) -> Callable[[], None]:
+            def step() -> None:
+                logits.grad = None
+                passes = list(logits.split(rows))
+                rdrop.rdrop_loss(passes, target, ALPHA, implementation=impl).loss.backward()  # type: ignore[arg-type]
+
+            return step
+
+        impls = {"reference": loss("reference"), "fused": loss("fused"), "auto": loss("auto")}
+    if big:
+        impls = {"fused": impls["fused"]}
+    return Case(
+        f"Sweep {what} {rows} x {classes}",
+        impls,
+        baseline="fused",
+        notes={"kernel_only": str(big)},
+    )
+
+
 # -- registry -------------------------------------------------------------------------------
 
 SIZES: dict[str, dict[str, dict[str, int]]] = {
@@ -445,6 +565,8 @@ def build(name: str, cfg: dict[str, int]) -> Case:
         return translation_case(**cfg)
     if name == "causal-lm":
         return causal_lm_case(**cfg)
+    if name.startswith("sweep-"):
+        return sweep_case(**cfg)  # type: ignore[arg-type]
     if name.startswith("inference-"):
         return inference_case(name.split("-", 1)[1], cfg)
     raise ValueError(f"unknown case {name!r}")

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # ``python benchmarks/run.py``
 
 import torch
 
-from benchmarks.cases import SIZES, Case, build
+from benchmarks.cases import SIZES, SWEEP_SHAPES, Case, build
 from benchmarks.memory import measure
 from benchmarks.timing import side_by_side
 
@@ -61,7 +61,28 @@ PLAN: dict[str, dict[str, Any]] = {
 }
 
 
-def _config(name: str, mode: str) -> dict[str, int]:
+def _sweep_plan() -> dict[str, dict[str, Any]]:
+    """One case per (kl | loss, shape) of the sweep; big shapes get fewer repetitions."""
+    plan: dict[str, dict[str, Any]] = {}
+    for what in ("kl", "loss"):
+        for rows, classes in SWEEP_SHAPES:
+            numel = rows * classes
+            reps = (5, 3) if numel < 1 << 24 else ((3, 1) if numel < 1 << 28 else (1, 1))
+            plan[f"sweep-{what}-{rows}x{classes}"] = {
+                "memory": (None, None),
+                "reps": reps,
+                "config": {"what": what, "rows": rows, "classes": classes},
+                "quick": numel <= 1 << 21,
+            }
+    return plan
+
+
+PLAN.update(_sweep_plan())
+
+
+def _config(name: str, mode: str) -> dict[str, Any]:
+    if name.startswith("sweep-"):
+        return dict(PLAN[name]["config"])
     if name.startswith("inference-"):
         which = name.split("-", 1)[1]
         return dict(SIZES[mode][which])
@@ -178,6 +199,43 @@ def _targets(results: dict[str, dict[str, Any]]) -> list[str]:
         add(
             "KL value and gradient within 1e-5 relative of the reference", f"{err:.1e}", err <= 1e-5
         )
+    for name, kernel in (
+        ("kl", "rdrop chunked kernel (default)"),
+        ("loss", "rdrop_loss fused (default)"),
+    ):
+        if name not in results:
+            continue
+        timings = results[name]["timings"]
+        t = timings[kernel].median
+        compiled = timings["torch.compile of the naive formula"].median
+        add(
+            f"{name}: fwd+bwd >= 1.5x faster than torch.compile of the naive formula",
+            f"{compiled / t:.2f}x",
+            compiled / t >= 1.5,
+        )
+        floor = next(v.median for k, v in timings.items() if k.startswith("exp floor"))
+        add(f"{name}: within 1.5x of the exp floor", f"{t / floor:.2f}x", t / floor <= 1.5)
+        memory = results[name]["memory"]
+        if kernel in memory:
+            unit = results[name]["config"]["rows"] * results[name]["config"]["classes"] * 4
+            extra = memory[kernel] / unit
+            add(f"{name}: extra peak memory <= 2.1 logits buffers", f"{extra:.2f}x", extra <= 2.1)
+    sweeps = {n: r for n, r in results.items() if n.startswith("sweep-")}
+    wrong = []
+    for n, r in sweeps.items():
+        t = r["timings"]
+        if "auto" not in t:
+            continue
+        best = min(t["reference"].median, t["fused"].median)
+        # auto is one of the two paths: it chose right when it is within noise of the best
+        if t["auto"].median > 1.15 * best:
+            wrong.append(n.removeprefix("sweep-"))
+    if sweeps:
+        add(
+            "sweep: auto within 15% of the faster path at every size measured",
+            "all" if not wrong else "wrong at " + ", ".join(wrong),
+            not wrong,
+        )
     for name in ("classifier", "translation"):
         if name in results:
             t = results[name]["timings"]
@@ -215,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     torch.set_num_threads(args.threads)
-    names = [n for n in PLAN if not args.only or n in args.only.split(",")]
+    wanted = args.only.split(",") if args.only else []
+    names = [
+        n
+        for n in PLAN
+        if (n in wanted or ("sweep" in wanted and n.startswith("sweep-")))
+        or (not wanted and (not args.quick or PLAN[n].get("quick", True)))
+    ]
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
