@@ -50,13 +50,8 @@ import torch
 from torch import Tensor
 
 from rdrop._checks import check_class_ids
-from rdrop._double_backward import (
-    building_graph,
-    differentiable_grads,
-    linear_reference_loss,
-    rows_reference,
-)
-from rdrop._fused_kernel import two_pass_keeps
+from rdrop._double_backward import building_graph, differentiable_grads, rows_reference
+from rdrop._fused_kernel import _LinearRDrop, two_pass_keeps
 
 __all__ = ["available", "fused_rows_triton", "linear_terms_triton"]
 
@@ -707,8 +702,12 @@ def _pick(rows: Tensor, *per_row: Tensor | None) -> list[Tensor | None]:
     return [None if v is None else v.index_select(0, rows) for v in per_row]
 
 
-class _TritonLinear(torch.autograd.Function):
-    """Loss of ``hidden @ weight.T + bias`` without the full logits; grads made in forward."""
+class _TritonLinear(_LinearRDrop):
+    """Loss of ``hidden @ weight.T + bias`` without the full logits; grads made in forward.
+
+    The backward is :class:`rdrop._fused_kernel._LinearRDrop`'s: the forward saves the same
+    tensors (the three gradients, then the inputs) and a spec with ``reference_args``.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -749,32 +748,6 @@ class _TritonLinear(torch.autograd.Function):
         # The inputs (references, no copies) serve a double backward only.
         ctx.save_for_backward(*saved, hidden, weight, bias, target, ce_keep, kl_keep)
         return loss, task, kl
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grad_h, grad_w, grad_b, hidden, weight, bias, target, ce_keep, kl_keep = ctx.saved_tensors
-        nones = (None,) * 4  # target, ce_keep, kl_keep, spec
-        if building_graph():  # double backward: differentiate the loss through the logits
-            with torch.enable_grad():
-                loss = linear_reference_loss(
-                    hidden, weight, bias, target, ce_keep, kl_keep, *ctx.spec.reference_args()
-                )
-            grads = differentiable_grads(
-                [loss], [grad_loss], [hidden, weight, bias], ctx.needs_input_grad[:3]
-            )
-            return (*grads, *nones)
-        if grad_h is None:
-            raise RuntimeError(
-                "rdrop_linear_cross_entropy: the gradient was not computed in forward "
-                "(grad mode was off or no input required grad)"
-            )
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        return (
-            grad_h * grad_loss.to(grad_h.dtype) if need_h else None,
-            grad_w * grad_loss.to(grad_w.dtype) if need_w else None,
-            grad_b * grad_loss.to(grad_b.dtype) if need_b and grad_b is not None else None,
-            *nones,
-        )
 
 
 def _final_grads(
