@@ -58,8 +58,10 @@ __all__ = ["available", "fused_rows_triton", "linear_terms_triton"]
 # Set to ``triton.language`` by :func:`_kernels`; the kernel bodies below read it as a global.
 tl: Any = None
 
-# Vocabulary block of one program: compiled kernels stream in blocks of up to 4096
-# (16 values per thread at 8 warps), the CPU interpreter in larger ones (numpy per block).
+# Vocabulary block of one program. Compiled: 2048 at 8 warps = 8 bf16 per thread and
+# input (one 16-byte load); ptxas for sm_90 reports 62-71 registers and no spills for the
+# three kernels (4096: 128 registers, half the occupancy). Not yet timed on a GPU:
+# benchmarks/gpu.py --block sweeps it. The CPU interpreter runs numpy per block: larger.
 _GPU_BLOCK = 2048
 _INTERPRET_BLOCK = 1 << 14
 # Logits per [2k, V] chunk of the hidden-state path (2**28 bf16 = 512 MiB: 1,024 rows per
@@ -456,12 +458,19 @@ def _as_u8(keep: Tensor | None, like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+def _rows_of(z: Tensor) -> Tensor:
+    """``z`` as 2-D rows with unit column stride (a copy only for column-strided inputs:
+    the kernels index columns in 32-bit, which a large column stride could overflow)."""
+    z2 = z.reshape(-1, z.shape[-1])
+    return z2 if z2.stride(-1) == 1 or z2.shape[-1] <= 1 else z2.contiguous()
+
+
 def _passes(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
     """2-D row views ``(z_a, z_b)`` of the two passes (``y=None``: halves of ``x``)."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows_of(x)
     if y is None:
         return x2[: x2.shape[0] // 2], x2[x2.shape[0] // 2 :]
-    return x2, y.reshape(-1, y.shape[-1])
+    return x2, _rows_of(y)
 
 
 @dataclass(frozen=True)
