@@ -61,7 +61,8 @@ tl: Any = None
 # Vocabulary block of one program. Compiled: 2048 at 8 warps = 8 bf16 per thread and
 # input (one 16-byte load); ptxas for sm_90 reports 62-71 registers and no spills for the
 # three kernels (4096: 128 registers, half the occupancy). Not yet timed on a GPU:
-# benchmarks/gpu.py --block sweeps it. The CPU interpreter runs numpy per block: larger.
+# try others with benchmarks/gpu.py --block N. The CPU interpreter runs numpy per block:
+# larger.
 _GPU_BLOCK = 2048
 _INTERPRET_BLOCK = 1 << 14
 # Logits per [2k, V] chunk of the hidden-state path (2**28 bf16 = 512 MiB: 1,024 rows per
