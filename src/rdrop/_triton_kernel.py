@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rdrop import _fused_kernel
 from rdrop._checks import check_class_ids
 from rdrop._double_backward import building_graph, differentiable_grads, rows_reference
 from rdrop._fused_kernel import _LinearRDrop, two_pass_keeps
@@ -642,19 +643,10 @@ def fused_rows_triton(
 
 
 @dataclass(frozen=True)
-class _LinearSpec:
-    """The non-tensor options of :class:`_TritonLinear`."""
+class _LinearSpec(_fused_kernel._LinearSpec):
+    """The non-tensor options of :class:`_TritonLinear`: the CPU kernel's and a block."""
 
-    n_ce: int  # kept cross-entropy items (per pass)
-    n_kl: int  # kept KL items
-    alpha: float
-    smoothing: float
-    rows_per_chunk: int
-    block: int | None
-    want_grad: bool  # compute the gradients (in forward)
-
-    def reference_args(self) -> tuple[int, int, float, float]:
-        return self.n_ce, self.n_kl, self.alpha, self.smoothing
+    block: int | None = None  # vocabulary block of a program (None: automatic)
 
 
 class _LinearGrads:
