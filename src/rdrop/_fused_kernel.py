@@ -43,6 +43,8 @@ the backward. ``check_finite`` in the public functions adds one more per call.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -662,12 +664,31 @@ def fused_rows(
     ``+inf`` logits, a class ``-inf`` in one pass only) make the call rerun with the ATen
     kernel, which defines those cases.
     """
+    if chunk_size is None and _uses_triton(x):
+        from rdrop._triton_kernel import fused_rows_triton
+
+        return fused_rows_triton(x, y, target, ce_keep, kl_keep, smoothing)
     if chunk_size is None and _cpu_kernel.supports(x):
         found = _cpu_kernel.rows(x, y, target, ce_keep, kl_keep, smoothing)
         if found is not None:
             return found
     spec = _RowsSpec(float(smoothing), _rows_per_chunk(x.shape[-1], chunk_size))
     return _FusedRows.apply(x, y, target, ce_keep, kl_keep, spec)
+
+
+def _uses_triton(x: Tensor) -> bool:
+    """Whether the Triton kernels run for ``x``: a CUDA tensor, ``triton`` installed, and
+    ``RDROP_NO_TRITON`` unset. Imports triton only for CUDA tensors."""
+    if not x.is_cuda or os.environ.get("RDROP_NO_TRITON", "0") not in ("", "0"):
+        return False
+    return _triton_available()
+
+
+@functools.cache
+def _triton_available() -> bool:
+    from rdrop import _triton_kernel
+
+    return _triton_kernel.available()
 
 
 def auto_min_numel(x: Tensor, *, kl_only: bool) -> int:
@@ -782,7 +803,22 @@ def linear_terms(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, task_value, consistency)`` of two passes from their hidden states
     ``[2B, ..., H]`` and the projection ``weight [V, H]``/``bias``; only ``loss`` is
-    differentiable. Two host syncs (the kept-item counts)."""
+    differentiable. Two host syncs (the kept-item counts). CUDA tensors use the Triton
+    kernels when triton is installed (see :func:`_uses_triton`)."""
+    if _uses_triton(hidden):
+        from rdrop._triton_kernel import linear_terms_triton
+
+        return linear_terms_triton(
+            hidden,
+            weight,
+            bias,
+            target,
+            alpha,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            mask=mask,
+            chunk_size=chunk_size,
+        )
     item_shape = torch.Size((hidden.shape[0] // 2, *hidden.shape[1:-1]))
     num_classes = weight.shape[0]
     if target is not None:
