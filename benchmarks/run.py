@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
     if args.threads != 1:
         command += f" --threads {args.threads}"
+    if args.only:
+        command += f" --only {args.only}"
     header = [
         "# rdrop benchmarks",
         "",
