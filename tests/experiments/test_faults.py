@@ -207,3 +207,17 @@ def test_probe_checkpoint_errors_name_the_file(
         assert main(["probe", "toy", "--checkpoint", str(path), "--data-dir", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert f"--checkpoint {path}" in err and expected[name] in err, (name, err)
+
+
+def test_a_landed_record_removes_the_temporary_files_of_a_killed_write(tmp_path: Path) -> None:
+    from rdrop_lab.store import ResultStore
+
+    store = ResultStore(tmp_path)
+    store.runs_dir.mkdir(parents=True)
+    leftover = store.runs_dir / ".task__rdrop__s0__abc.x1y2.tmp"  # killed before the rename
+    leftover.write_text("{}")
+    other = store.runs_dir / ".task__baseline__s0__def.x1y2.tmp"  # another run's, kept
+    other.write_text("{}")
+    store.write({"run_id": "task__rdrop__s0__abc"})
+    assert not leftover.exists() and other.exists()
+    assert (store.runs_dir / "task__rdrop__s0__abc.json").is_file()

@@ -130,6 +130,10 @@ class ResultStore:
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)
             raise
+        # A process killed between writing and renaming leaves its temporary file; once
+        # this run's record has landed, such leftovers of the same run are garbage.
+        for stale in self.runs_dir.glob(f".{run_id}.*.tmp"):
+            stale.unlink(missing_ok=True)
         return final
 
 
