@@ -3,7 +3,7 @@
 Every function here takes the outputs of two (or more) dropout passes and returns their
 disagreement. They are pure (no state) and compute in float32 or wider whatever the input
 dtype. The plain-autograd paths never synchronise with the host; the fused kernel
-(``implementation="fused"``, the default from 2**14 logits on CPU with the C++ kernel,
+(``implementation="fused"``, the default from 2**9 logits on CPU with the C++ kernel,
 2**18 otherwise) reads a few flags back per
 call (rows that are ``-inf`` throughout, the masked rows it skips, NaN repairs), which is
 a host synchronisation on a GPU. They share one convention for masks and reductions:
@@ -172,7 +172,7 @@ def symmetric_kl(
             (the word :func:`rdrop.rdrop_loss` uses for the same kernel; ``"chunked"`` is
             a deprecated alias); ``"reference"`` is the plain autograd graph (double
             backward works on both); ``"auto"`` (default) picks ``"fused"`` for inputs of
-            at least 2**14 logits on CPU when the C++ row kernel is available (float32,
+            at least 2**9 logits on CPU when the C++ row kernel is available (float32,
             bf16, fp16; see :mod:`rdrop._cpu_kernel`), else 2**18.
         chunk_size: rows per chunk for the fused kernel (default: about 2**18 logits a
             chunk); giving it selects the chunked ATen kernel over the C++ one.
