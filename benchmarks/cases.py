@@ -6,8 +6,10 @@ the memory subprocesses (``benchmarks.memory``), so both measure identical work.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +75,38 @@ def exp_floor(x: Tensor, exps: int) -> Callable[[], None]:
             torch.exp(src, out=out)
 
     return step
+
+
+def matmul_exp_floor(hidden: Tensor, weight: Tensor, exps: int) -> Callable[[], None]:
+    """What any hidden-state loss must do: the logits ``h @ W.T``, the hidden and weight
+    gradients (two more matmuls of that size) and ``exps`` ``torch.exp`` passes over the
+    logits, into preallocated buffers."""
+    h, w = hidden.detach(), weight.detach()
+    z = torch.empty(h.shape[0], w.shape[0])
+    grad_h, grad_w = torch.empty_like(h), torch.empty_like(w)
+
+    def step() -> None:
+        torch.mm(h, w.t(), out=z)
+        for _ in range(exps):
+            torch.exp(z, out=z)
+        torch.mm(z, w, out=grad_h)
+        torch.mm(z.t(), h, out=grad_w)
+
+    return step
+
+
+@contextlib.contextmanager
+def without_cpp() -> Iterator[None]:
+    """Run with ``RDROP_NO_CPP=1``: the ATen formulas instead of the C++ row kernel."""
+    before = os.environ.get("RDROP_NO_CPP")
+    os.environ["RDROP_NO_CPP"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RDROP_NO_CPP"]
+        else:
+            os.environ["RDROP_NO_CPP"] = before
 
 
 def aten_chunk(classes: int) -> int:
@@ -218,10 +252,29 @@ def linear_case(rows: int, hidden: int, classes: int) -> Case:
         loss.backward()
         return loss
 
+    def fused_aten() -> Tensor:
+        with without_cpp():
+            return fused()
+
+    compiled_step = compiled(
+        lambda x, w, bias, t: naive_loss(F.linear(x, w, bias), t, ALPHA)  # type: ignore[no-any-return]
+    )
+
+    def compiled_naive() -> Tensor:
+        zero()
+        loss = compiled_step(h, head.weight, head.bias, target)
+        loss.backward()
+        return loss  # type: ignore[no-any-return]
+
     variants = {
         "linear + rdrop_loss reference": materialized("reference"),
         "linear + rdrop_loss fused": materialized("auto"),
         "rdrop_linear_cross_entropy (no logits)": fused,
+        "rdrop_linear_cross_entropy, ATen chunks (RDROP_NO_CPP path)": fused_aten,
+        "torch.compile of linear + the naive formula": compiled_naive,
+        f"floor: 3 matmuls + {EXPS_PER_LOGIT} torch.exp passes over [{2 * rows}, {classes}]": (
+            matmul_exp_floor(h, head.weight, EXPS_PER_LOGIT)
+        ),
     }
 
     def check() -> dict[str, float]:

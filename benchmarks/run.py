@@ -220,6 +220,18 @@ def _targets(results: dict[str, dict[str, Any]]) -> list[str]:
             unit = results[name]["config"]["rows"] * results[name]["config"]["classes"] * 4
             extra = memory[kernel] / unit
             add(f"{name}: extra peak memory <= 2.1 logits buffers", f"{extra:.2f}x", extra <= 2.1)
+    if "linear" in results:
+        timings = results["linear"]["timings"]
+        kernel = "rdrop_linear_cross_entropy (no logits)"
+        t = timings[kernel].median
+        compiled = timings["torch.compile of linear + the naive formula"].median
+        add(
+            "linear: fwd+bwd >= 1.5x faster than torch.compile of linear + the naive formula",
+            f"{compiled / t:.2f}x",
+            compiled / t >= 1.5,
+        )
+        floor = next(v.median for k, v in timings.items() if k.startswith("floor"))
+        add("linear: within 1.5x of the matmul + exp floor", f"{t / floor:.2f}x", t / floor <= 1.5)
     sweeps = {n: r for n, r in results.items() if n.startswith("sweep-")}
     wrong = []
     for n, r in sweeps.items():

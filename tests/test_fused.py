@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import rdrop
-from rdrop import _fused_kernel
+from rdrop import _cpu_kernel, _fused_kernel
 from rdrop.fused import rdrop_cross_entropy, rdrop_linear_cross_entropy
 from tests.test_kl_kernel import assert_close_rel
 
@@ -293,9 +293,35 @@ def test_wrapper_with_fused_loss_equals_reference(smoothing: float) -> None:
 # -- rdrop_linear_cross_entropy ---------------------------------------------------------------
 
 
+@pytest.fixture(params=["cpp", "aten"])
+def linear_kernel(request, monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """Run a hidden-state test with the C++ row kernel per chunk and with the ATen formulas."""
+    if request.param == "cpp":
+        if _cpu_kernel.load() is None:
+            pytest.skip("the C++ kernel cannot be built here")
+        monkeypatch.delenv("RDROP_NO_CPP", raising=False)
+    else:
+        monkeypatch.setenv("RDROP_NO_CPP", "1")
+    return str(request.param)
+
+
+def _count_cpp_chunks(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    calls: list[int] = []
+    real = _cpu_kernel.pair_terms
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        found = real(*args, **kwargs)
+        calls.append(found is not None)
+        return found
+
+    monkeypatch.setattr(_cpu_kernel, "pair_terms", counting)
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.usefixtures("linear_kernel")
 def test_linear_matches_materialized_reference(dtype, with_bias: bool, smoothing: float) -> None:  # type: ignore[no-untyped-def]
     batch, length, hidden, vocab = 3, 5, 8, 37
     g = torch.Generator().manual_seed(27)
@@ -337,6 +363,7 @@ def test_linear_matches_materialized_reference(dtype, with_bias: bool, smoothing
         assert_close_rel(a, b)
 
 
+@pytest.mark.usefixtures("linear_kernel")
 def test_linear_padding_rows_with_garbage_do_not_leak() -> None:
     g = torch.Generator().manual_seed(31)
     h, weight = torch.randn(2 * 6, 4, generator=g), torch.randn(30, 4, generator=g)
@@ -355,6 +382,7 @@ def test_linear_padding_rows_with_garbage_do_not_leak() -> None:
     assert_close_rel(out.loss.detach(), ref.loss.detach())
 
 
+@pytest.mark.usefixtures("linear_kernel")
 def test_linear_unlabeled_no_grad_and_all_padding() -> None:
     g = torch.Generator().manual_seed(29)
     h, weight = torch.randn(2 * 4, 6, generator=g), torch.randn(20, 6, generator=g)
@@ -370,6 +398,68 @@ def test_linear_unlabeled_no_grad_and_all_padding() -> None:
     assert out.loss.item() == 0.0 and not bool(leaf.grad.any())
 
 
+def test_linear_uses_the_cpp_kernel_per_chunk(linear_kernel: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls = _count_cpp_chunks(monkeypatch)
+    g = torch.Generator().manual_seed(33)
+    h, weight = torch.randn(2 * 10, 8, generator=g), torch.randn(40, 8, generator=g)
+    target = torch.randint(0, 40, (10,), generator=g)
+    rdrop_linear_cross_entropy(
+        h.requires_grad_(), weight, target, 1.0, chunk_size=3
+    ).loss.backward()
+    assert calls == ([True] * 4 if linear_kernel == "cpp" else [])
+
+
+def _linear_value_and_grad(h, weight, target, alpha, **kw):  # type: ignore[no-untyped-def]
+    leaf = h.clone().requires_grad_()
+    out = rdrop_linear_cross_entropy(leaf, weight, target, alpha, **kw)
+    return out.loss.detach(), torch.autograd.grad(out.loss, leaf)[0]
+
+
+def _linear_reference(h, weight, target, alpha, bias=None):  # type: ignore[no-untyped-def]
+    leaf = h.clone().requires_grad_()
+    logits = torch.nn.functional.linear(leaf, weight, bias)
+    ref = rdrop.rdrop_loss(list(logits.chunk(2)), target, alpha, implementation="reference")
+    return ref.loss.detach(), torch.autograd.grad(ref.loss, leaf)[0]
+
+
+def test_linear_shared_neg_inf_class(linear_kernel: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A class impossible in both passes (bias -inf): both kernels define it as the
+    reference does (p = q = 0 there), the C++ one without falling back."""
+    calls = _count_cpp_chunks(monkeypatch)
+    g = torch.Generator().manual_seed(34)
+    h, weight = torch.randn(2 * 6, 5, generator=g), torch.randn(12, 5, generator=g)
+    bias = torch.randn(12, generator=g)
+    bias[4] = -INF
+    target = torch.randint(0, 12, (6,), generator=g).masked_fill_(torch.arange(6) == 4, 0)
+    got = _linear_value_and_grad(h, weight, target, 2.0, bias=bias)
+    want = _linear_reference(h, weight, target, 2.0, bias=bias)
+    for a, b in zip(got, want):
+        assert_close_rel(a, b)
+    assert calls == ([True] if linear_kernel == "cpp" else [])
+
+
+@pytest.mark.usefixtures("linear_kernel")
+def test_linear_chunk_the_cpp_kernel_refuses_takes_the_aten_formulas(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Chunks the C++ kernel refuses (rows not finite) are computed by the ATen formulas,
+    next to chunks it computes, and the whole matches the reference."""
+    real = _cpu_kernel.pair_terms
+    answered: list[bool] = []
+
+    def every_other(*args, **kwargs):  # type: ignore[no-untyped-def]
+        answered.append(len(answered) % 2 == 0)
+        return real(*args, **kwargs) if answered[-1] else None
+
+    monkeypatch.setattr(_cpu_kernel, "pair_terms", every_other)
+    g = torch.Generator().manual_seed(35)
+    h, weight = torch.randn(2 * 7, 6, generator=g), torch.randn(25, 6, generator=g)
+    target = torch.randint(0, 25, (7,), generator=g)
+    got = _linear_value_and_grad(h, weight, target, 3.0, chunk_size=2)
+    want = _linear_reference(h, weight, target, 3.0)
+    for a, b in zip(got, want):
+        assert_close_rel(a, b)
+
+
+@pytest.mark.usefixtures("linear_kernel")
 def test_linear_bf16_and_three_passes() -> None:
     g = torch.Generator().manual_seed(30)
     h, weight = torch.randn(2 * 8, 16, generator=g), torch.randn(64, 16, generator=g) * 0.3

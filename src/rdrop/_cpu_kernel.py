@@ -34,7 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CppRows", "enabled", "load", "rows", "supports"]
+from rdrop._rows import live_rows
+
+__all__ = ["CppRows", "enabled", "load", "pair_terms", "rows", "supports"]
 
 _LOG = logging.getLogger("rdrop")
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "rdrop_cpu.cpp"
@@ -199,7 +201,8 @@ class CppRows(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         ops = load()
         x2, a, b = _pair(x, y)
-        live = _live(ce_keep, kl_keep, target is not None)
+        live = live_rows(ce_keep, kl_keep, target is not None)
+        live = None if live is None else live.contiguous()
         tgt = None
         if target is not None:
             tgt = target.reshape(-1).to(torch.int64)
@@ -224,15 +227,21 @@ class CppRows(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_kl: Tensor, grad_ce: Tensor, _: Any
     ) -> tuple[Tensor | None, ...]:
-        from rdrop._double_backward import building_graph, differentiable_grads, rows_reference
+        from rdrop._double_backward import building_graph, rows_second_order
 
         x, y, x2, b, stats, tgt, target, ce_keep, kl_keep = ctx.saved_tensors
         nones = (None,) * 4  # target, ce_keep, kl_keep, smoothing
         if building_graph():  # double backward: differentiate the plain-autograd rows
-            with torch.enable_grad():
-                kl_ref, ce_ref = rows_reference(x, y, target, ce_keep, kl_keep, ctx.smoothing)
-            grads = differentiable_grads(
-                [kl_ref, ce_ref], [grad_kl, grad_ce], [x, y], ctx.needs_input_grad[:2]
+            grads = rows_second_order(
+                x,
+                y,
+                target,
+                ce_keep,
+                kl_keep,
+                ctx.smoothing,
+                grad_kl,
+                grad_ce,
+                ctx.needs_input_grad[:2],
             )
             return (*grads, *nones)
         concat = y is None
@@ -262,13 +271,6 @@ class CppRows(torch.autograd.Function):
         )
 
 
-def _live(ce_keep: Tensor | None, kl_keep: Tensor | None, has_target: bool) -> Tensor | None:
-    """Rows that enter the loss (``None``: all): KL-kept, or CE-kept with a target."""
-    if not has_target:
-        return kl_keep
-    return None if ce_keep is None or kl_keep is None else (ce_keep | kl_keep).contiguous()
-
-
 def _row_weights(grad: Tensor, keep: Tensor | None, scale: float) -> Tensor:
     """``scale * grad`` in float32, exactly 0 on rows not kept (even where grad is NaN)."""
     w = grad.to(torch.float32) * scale
@@ -295,3 +297,44 @@ def rows(
     if kl_keep is not None:
         kl_rows = torch.where(kl_keep, kl_rows, torch.zeros((), dtype=kl_rows.dtype))
     return kl_rows, ce_rows
+
+
+def pair_terms(
+    ops: Any,
+    za: Tensor,
+    zb: Tensor,
+    target: Tensor | None,
+    smoothing: float,
+    kl_weight: Tensor,
+    ce_weight: Tensor | None,
+    grad: Tensor | None,
+) -> tuple[Tensor, Tensor] | None:
+    """Per-row ``(kl [k], ce [2, k])`` of the rows ``za``, ``zb`` of two passes, and with
+    ``grad`` their weighted gradient, in one forward and one backward sweep of the kernel.
+
+    Args:
+        ops: the loaded kernel (:func:`load`).
+        za, zb: ``[k, V]`` contiguous float32 logits of pass a and pass b.
+        target: ``[k]`` int64 class ids, ``-1`` where a row has no cross-entropy, or
+            ``None`` (no cross-entropy).
+        smoothing: the cross-entropy's label smoothing.
+        kl_weight: ``[k]`` float32 weight of each row's KL, halved (the kernel's
+            gradient is that of ``2 * kl``).
+        ce_weight: ``[2, k]`` float32 weights of each pass's cross-entropy, or ``None``.
+        grad: ``[2k, V]`` float32 output (pass a's rows first), or ``None``: no gradient.
+
+    Returns:
+        The per-row values (``ce`` is ``[2, 0]`` without a target), or ``None`` when some
+        row is not finite; then ``grad`` is untouched and the caller uses the ATen formulas.
+    """
+    k = za.shape[0]
+    stats = torch.empty(k, _STATS, dtype=torch.float32)
+    ops.rows_forward(za, zb, target, None, float(smoothing), stats)
+    if bool(stats[:, _BAD].any()):
+        return None
+    if grad is not None:
+        ops.rows_backward(
+            za, zb, stats, target, kl_weight, ce_weight, float(smoothing), grad[:k], grad[k:]
+        )
+    ce = stats[:, _CE_A : _CE_B + 1].t() if target is not None else stats.new_zeros(2, 0)
+    return stats[:, _KL], ce

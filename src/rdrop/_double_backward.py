@@ -107,3 +107,36 @@ def differentiable_grads(
     for i, g in zip(wanted, found):
         grads[i] = g if g is not None else torch.zeros_like(inputs[i])  # type: ignore[arg-type]
     return grads
+
+
+def rows_second_order(
+    x: Tensor,
+    y: Tensor | None,
+    target: Tensor | None,
+    ce_keep: Tensor | None,
+    kl_keep: Tensor | None,
+    smoothing: float,
+    grad_kl: Tensor,
+    grad_ce: Tensor,
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """The differentiable gradients ``(d/dx, d/dy)`` of the per-row kernels' outputs
+    weighted by ``grad_kl``, ``grad_ce``: what their backward returns in a double backward."""
+    with torch.enable_grad():
+        kl, ce = rows_reference(x, y, target, ce_keep, kl_keep, smoothing)
+    return differentiable_grads([kl, ce], [grad_kl, grad_ce], [x, y], needs)
+
+
+def linear_second_order(
+    inputs: tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+    reference_args: tuple[int, int, float, float],
+    grad_loss: Tensor,
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """The differentiable gradients w.r.t. ``hidden, weight, bias`` of the hidden-state
+    loss (``inputs``: hidden, weight, bias, target, ce_keep, kl_keep; ``reference_args``:
+    n_ce, n_kl, alpha, smoothing), for its backward in a double backward."""
+    hidden, weight, bias = inputs[:3]
+    with torch.enable_grad():
+        loss = linear_reference_loss(*inputs, *reference_args)
+    return differentiable_grads([loss], [grad_loss], [hidden, weight, bias], needs)

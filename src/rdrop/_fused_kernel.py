@@ -4,8 +4,10 @@ cross-entropy of both, from logits or from hidden states and the output projecti
 Private; use :func:`rdrop.symmetric_kl`, :func:`rdrop.rdrop_loss` or the functions of
 :mod:`rdrop.fused`.
 
-Every kernel walks the rows in chunks with one loop (:func:`_chunks`) and recomputes the
-probabilities where it needs them instead of saving them. Chunk temporaries live in a few
+Every kernel walks the rows in chunks (the logits kernel with :func:`_chunks`, the
+hidden-state kernel projecting each chunk and scoring it with :class:`_ChunkTerms`, which
+runs the C++ row kernel on CPU) and recomputes the probabilities where it needs them
+instead of saving them. Chunk temporaries live in a few
 preallocated chunk-sized float32 buffers (:class:`ChunkMath`), gradients are written
 straight into the tensor autograd returns, and only per-row values are saved between the
 passes, so the only logits-sized buffers are the gradients autograd must return anyway
@@ -54,12 +56,8 @@ from torch import Tensor
 
 from rdrop import _cpu_kernel
 from rdrop._checks import check_class_ids, check_mask
-from rdrop._double_backward import (
-    building_graph,
-    differentiable_grads,
-    linear_reference_loss,
-    rows_reference,
-)
+from rdrop._double_backward import building_graph, linear_second_order, rows_second_order
+from rdrop._rows import live_row_ids, live_rows
 
 __all__ = [
     "ATEN_KL_MIN_NUMEL",
@@ -136,7 +134,6 @@ class Chunk(NamedTuple):
     d: Tensor
     lse_a: Tensor
     lse_b: Tensor
-    extra: Any  # whatever the loader wants back with the chunk (hidden rows)
 
 
 class ChunkMath:
@@ -241,15 +238,15 @@ class ChunkMath:
 def _chunks(
     num_rows: int,
     rows_per_chunk: int,
-    load: Callable[[int, int], tuple[Tensor, Tensor, Any]],
+    load: Callable[[int, int], tuple[Tensor, Tensor]],
     math: ChunkMath,
 ) -> Iterator[Chunk]:
-    """The chunk loop of every kernel: rows ``start:stop`` of both passes, as ``load``
-    gives them (``(za, zb, extra)`` in the compute dtype), with their softmax statistics."""
+    """The chunk loop of the logits kernel: rows ``start:stop`` of both passes, as
+    ``load`` gives them (``(za, zb)`` in the compute dtype), with their softmax statistics."""
     for start in range(0, num_rows, rows_per_chunk):
         stop = min(start + rows_per_chunk, num_rows)
-        za, zb, extra = load(start, stop)
-        yield Chunk(start, stop, za, zb, *math.probs(za, zb), extra)
+        za, zb = load(start, stop)
+        yield Chunk(start, stop, za, zb, *math.probs(za, zb))
 
 
 class _Rows:
@@ -295,8 +292,8 @@ class _Rows:
         picked = torch.index_select(src, 0, index, out=self.gather[: e - s])
         return self.bufs[side][: e - s].copy_(picked)
 
-    def load(self, s: int, e: int) -> tuple[Tensor, Tensor, None]:
-        return self.side(0, s, e), self.side(1, s, e), None
+    def load(self, s: int, e: int) -> tuple[Tensor, Tensor]:
+        return self.side(0, s, e), self.side(1, s, e)
 
 
 def plan_rows(live: Tensor | None, num_rows: int) -> tuple[Tensor | None, Tensor | None, int]:
@@ -325,13 +322,6 @@ def _split(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, int, int]:
     return x2, y2, 0, y2.shape[0]
 
 
-def _live_rows(ce_keep: Tensor | None, kl_keep: Tensor | None, has_target: bool) -> Tensor | None:
-    """Rows that enter the loss (``None``: all): KL-kept, or CE-kept with a target."""
-    if not has_target:
-        return kl_keep
-    return None if ce_keep is None or kl_keep is None else ce_keep | kl_keep
-
-
 @dataclass(frozen=True)
 class _RowsSpec:
     """The non-tensor options of :class:`_FusedRows`."""
@@ -357,7 +347,7 @@ class _FusedRows(torch.autograd.Function):
         dtype = torch.promote_types(x.dtype, torch.float32)
         dev = x.device
         x2, src_b, off_b, num_rows = _split(x, y)
-        rows, dead, n = plan_rows(_live_rows(ce_keep, kl_keep, target is not None), num_rows)
+        rows, dead, n = plan_rows(live_rows(ce_keep, kl_keep, target is not None), num_rows)
         r = min(spec.rows_per_chunk, max(n, 1))
         layout = _Rows(x2, src_b, off_b, rows, r, dtype)
         math = ChunkMath(r, num_classes, dtype, dev)
@@ -403,12 +393,18 @@ class _FusedRows(torch.autograd.Function):
         n, r, smoothing, dtype = ctx.meta
         nones = (None,) * 4  # target, ce_keep, kl_keep, spec
         if building_graph():  # double backward: differentiate the plain-autograd rows
-            with torch.enable_grad():
-                kl_ref, ce_ref = rows_reference(x, y, target, ce_keep, kl_keep, smoothing)
-            grad_x, grad_y = differentiable_grads(
-                [kl_ref, ce_ref], [grad_kl, grad_ce], [x, y], ctx.needs_input_grad[:2]
+            grads = rows_second_order(
+                x,
+                y,
+                target,
+                ce_keep,
+                kl_keep,
+                smoothing,
+                grad_kl,
+                grad_ce,
+                ctx.needs_input_grad[:2],
             )
-            return (grad_x, grad_y, *nones)
+            return (*grads, *nones)
         concat = y is None
         need = (ctx.needs_input_grad[0], (not concat) and ctx.needs_input_grad[1])
         if not any(need):
@@ -504,6 +500,84 @@ class _LinearSpec:
         return self.n_ce, self.n_kl, self.alpha, self.smoothing
 
 
+class _ChunkTerms:
+    """Per-row KL and cross-entropy of one chunk of logits rows, and their weighted
+    gradient: the C++ row kernel where it runs, else (and for rows that are not finite)
+    the ATen formulas of :class:`ChunkMath`, whose buffers are made only when needed."""
+
+    def __init__(
+        self,
+        rows: int,
+        num_classes: int,
+        dtype: torch.dtype,
+        device: Any,
+        smoothing: float,
+        target: Tensor | None,
+        ce_keep: Tensor | None,
+    ) -> None:
+        self.shape = (rows, num_classes, dtype, device)
+        self.smoothing = smoothing
+        probe = torch.empty(0, dtype=dtype, device=device)
+        self.ops = _cpu_kernel.load() if _cpu_kernel.supports(probe) else None
+        self.math: ChunkMath | None = None
+        # class ids per row: 0 where the row has no cross-entropy (ATen: its weight is 0),
+        # -1 there for the C++ kernel (which then skips the row's cross-entropy)
+        self.target, self.target_cpp = None, None
+        if target is not None:
+            self.target = target if ce_keep is None else target.masked_fill(~ce_keep, 0)
+            self.target_cpp = target if ce_keep is None else target.masked_fill(~ce_keep, -1)
+            self.target_cpp = self.target_cpp.to(torch.int64)
+
+    def __call__(
+        self,
+        za: Tensor,
+        zb: Tensor,
+        rows: Tensor,
+        *,
+        kl_weight: Tensor,
+        ce_weight: Tensor | None,
+        grad: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(kl [k], ce [2, k])`` of rows ``rows`` (logits ``za``, ``zb``); with ``grad``
+        (``[2k, V]``) the gradient of ``sum(2 kl_weight kl + ce_weight ce)`` written into it."""
+        if self.ops is not None:
+            t = None if self.target_cpp is None else self.target_cpp.index_select(0, rows)
+            wce = None if ce_weight is None else torch.stack([ce_weight, ce_weight])
+            found = _cpu_kernel.pair_terms(
+                self.ops, za, zb, t, self.smoothing, kl_weight.float(), wce, grad
+            )
+            if found is not None:
+                return found
+        if self.math is None:
+            self.math = ChunkMath(*self.shape)
+        math, k = self.math, za.shape[0]
+        chunk = Chunk(0, k, za, zb, *math.probs(za, zb))
+        # without a gradient, p may be overwritten by p - q (scratch=None)
+        scratch = None if grad is None else grad[:k]
+        t = None if self.target is None else self.target.index_select(0, rows).unsqueeze(1)
+        ce = za.new_zeros(2, 0)
+        if t is not None:
+            ce = torch.stack(
+                [
+                    math.cross_entropy(za, chunk.lse_a, t, self.smoothing),
+                    math.cross_entropy(zb, chunk.lse_b, t, self.smoothing),
+                ]
+            )
+        kl, nan = math.kl_value(chunk, scratch=scratch)
+        if grad is not None:
+            math.grads(
+                chunk,
+                kl_weight=kl_weight,
+                out_a=grad[:k],
+                out_b=grad[k:],
+                repair=bool(nan.any()),
+                ce_weights=None if ce_weight is None else (ce_weight, ce_weight),
+                target=t,
+                smoothing=self.smoothing,
+            )
+        return kl, ce
+
+
 class _LinearRDrop(torch.autograd.Function):
     """Loss of ``hidden @ weight.T + bias`` without the full logits; grads made in forward."""
 
@@ -523,22 +597,18 @@ class _LinearRDrop(torch.autograd.Function):
         dev = hidden.device
         h2 = hidden.reshape(-1, hidden.shape[-1])
         num_rows = h2.shape[0] // 2
-        live = _live_rows(ce_keep, kl_keep, target is not None)
         # Gathering hidden rows is cheap, so dead rows (padding) are always skipped: their
         # states never reach the matmuls or the weight gradient, whatever they hold.
-        rows = torch.arange(num_rows, device=dev) if live is None else live.nonzero().squeeze(1)
+        rows = live_row_ids(live_rows(ce_keep, kl_keep, target is not None), num_rows, dev)
         n = rows.numel()
         r = min(spec.rows_per_chunk, max(n, 1))
-        math = ChunkMath(r, num_classes, dtype, dev)
         z_buf = torch.empty(2 * r, num_classes, dtype=weight.dtype, device=dev)
         g_buf = torch.empty(2 * r, num_classes, dtype=dtype, device=dev)
-        tgt = None
-        if target is not None:
-            tgt = target if ce_keep is None else target.masked_fill(~ce_keep, 0)
+        terms = _ChunkTerms(r, num_classes, dtype, dev, spec.smoothing, target, ce_keep)
         # per-row weights of d(loss)/d(kl_row) (halved, see ChunkMath.grads) and d/d(ce_row)
         w_kl = 0.5 * (spec.alpha / 2.0) / max(spec.n_kl, 1)
         w_ce = 0.5 / spec.n_ce if spec.n_ce else 0.0  # all padding: task loss 0, no gradient
-        zero = math.zero
+        zero = torch.zeros((), dtype=dtype, device=dev)
         kl_in = torch.ones(num_rows, dtype=torch.bool, device=dev) if kl_keep is None else kl_keep
         ce_in = torch.ones(num_rows, dtype=torch.bool, device=dev) if ce_keep is None else ce_keep
         kl_w = torch.where(kl_in, w_kl, zero)
@@ -549,10 +619,11 @@ class _LinearRDrop(torch.autograd.Function):
         grad_b = torch.zeros(num_classes, dtype=dtype, device=dev) if want else None
         kl_sum = torch.zeros((), dtype=dtype, device=dev)
         ce_sum = torch.zeros((), dtype=dtype, device=dev)
-
-        def project(s: int, e: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        for s in range(0, n, r):
+            e = min(s + r, n)
             k = e - s
-            idx = torch.cat([rows[s:e], rows[s:e] + num_rows])
+            chunk_rows = rows[s:e]
+            idx = torch.cat([chunk_rows, chunk_rows + num_rows])
             h = h2.index_select(0, idx)
             z = z_buf[: 2 * k]
             if bias is None:
@@ -560,56 +631,53 @@ class _LinearRDrop(torch.autograd.Function):
             else:
                 torch.addmm(bias, h, weight.t(), out=z)
             zf = z if z.dtype == dtype else z.to(dtype)
-            return zf[:k], zf[k:], (idx, h)
-
-        for chunk in _chunks(n, r, project, math):
-            s, e = chunk.start, chunk.stop
-            k = e - s
-            idx, h = chunk.extra
-            chunk_rows = rows[s:e]
-            t = None
-            if tgt is not None:
-                t = tgt.index_select(0, chunk_rows).unsqueeze(1)
-                ce_both = math.cross_entropy(
-                    chunk.za, chunk.lse_a, t, spec.smoothing
-                ) + math.cross_entropy(chunk.zb, chunk.lse_b, t, spec.smoothing)
-                ce_sum += torch.where(ce_in.index_select(0, chunk_rows), ce_both, zero).sum()
             g = g_buf[: 2 * k]
-            value, nan = math.kl_value(chunk, scratch=g[:k])
-            kl_sum += torch.where(kl_in.index_select(0, chunk_rows), value, zero).sum()
+            kl_rows, ce_rows = terms(
+                zf[:k],
+                zf[k:],
+                chunk_rows,
+                kl_weight=kl_w.index_select(0, chunk_rows),
+                ce_weight=None if target is None else ce_w.index_select(0, chunk_rows),
+                grad=g if want else None,
+            )
+            kl_sum += torch.where(kl_in.index_select(0, chunk_rows), kl_rows, zero).sum()
+            if target is not None:
+                ce_both = ce_rows[0] + ce_rows[1]
+                ce_sum += torch.where(ce_in.index_select(0, chunk_rows), ce_both, zero).sum()
             if grad_h is None or grad_w is None or grad_b is None:
                 continue
-            ce_k = None if t is None else ce_w.index_select(0, chunk_rows)
-            math.grads(
-                chunk,
-                kl_weight=kl_w.index_select(0, chunk_rows),
-                out_a=g[:k],
-                out_b=g[k:],
-                repair=bool(nan.any()),
-                ce_weights=None if ce_k is None else (ce_k, ce_k),
-                target=t,
-                smoothing=spec.smoothing,
-            )
             gm = g if g.dtype == weight.dtype else g.to(weight.dtype)
             grad_h.index_copy_(0, idx, torch.mm(gm, weight).to(grad_h.dtype))
             grad_w.addmm_(g.t(), h.to(dtype))
             grad_b += g.sum(dim=0)
+        grads = None
+        if grad_h is not None and grad_w is not None and grad_b is not None:
+            grads = (
+                grad_h.reshape(hidden.shape),
+                grad_w.to(weight.dtype),
+                None if bias is None else grad_b.to(bias.dtype),
+            )
+        inputs = (hidden, weight, bias, target, ce_keep, kl_keep)
+        return _LinearRDrop.finish(ctx, spec, ce_sum, kl_sum, grads, inputs)
+
+    @staticmethod
+    def finish(
+        ctx: Any,
+        spec: _LinearSpec,
+        ce_sum: Tensor,
+        kl_sum: Tensor,
+        grads: tuple[Tensor, Tensor, Tensor | None] | None,
+        inputs: tuple[Tensor | None, ...],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, task, kl)`` from the kept sums; saves what :meth:`backward` reads: the
+        gradients (``None``: not computed) and the inputs (references, for a double
+        backward only)."""
         task = ce_sum / max(2 * spec.n_ce, 1)
         kl = kl_sum / max(spec.n_kl, 1)
         loss = task + (spec.alpha / 2.0) * kl
         ctx.mark_non_differentiable(task, kl)
         ctx.spec = spec
-        # The inputs (references, no copies) serve a double backward only.
-        inputs = (hidden, weight, bias, target, ce_keep, kl_keep)
-        if grad_h is not None and grad_w is not None and grad_b is not None:
-            ctx.save_for_backward(
-                grad_h.reshape(hidden.shape),
-                grad_w.to(weight.dtype),
-                None if bias is None else grad_b.to(bias.dtype),
-                *inputs,
-            )
-        else:
-            ctx.save_for_backward(None, None, None, *inputs)
+        ctx.save_for_backward(*(grads or (None, None, None)), *inputs)
         return loss, task, kl
 
     @staticmethod
@@ -617,12 +685,9 @@ class _LinearRDrop(torch.autograd.Function):
         grad_h, grad_w, grad_b, hidden, weight, bias, target, ce_keep, kl_keep = ctx.saved_tensors
         nones = (None,) * 4  # target, ce_keep, kl_keep, spec
         if building_graph():  # double backward: differentiate the loss through the logits
-            with torch.enable_grad():
-                loss = linear_reference_loss(
-                    hidden, weight, bias, target, ce_keep, kl_keep, *ctx.spec.reference_args()
-                )
-            grads = differentiable_grads(
-                [loss], [grad_loss], [hidden, weight, bias], ctx.needs_input_grad[:3]
+            inputs = (hidden, weight, bias, target, ce_keep, kl_keep)
+            grads = linear_second_order(
+                inputs, ctx.spec.reference_args(), grad_loss, ctx.needs_input_grad[:3]
             )
             return (*grads, *nones)
         if grad_h is None:

@@ -51,8 +51,9 @@ from torch import Tensor
 
 from rdrop import _fused_kernel
 from rdrop._checks import check_class_ids
-from rdrop._double_backward import building_graph, differentiable_grads, rows_reference
+from rdrop._double_backward import building_graph, rows_second_order
 from rdrop._fused_kernel import _LinearRDrop, two_pass_keeps
+from rdrop._rows import live_row_ids, live_rows
 
 __all__ = ["available", "fused_rows_triton", "linear_terms_triton"]
 
@@ -538,10 +539,16 @@ class _TritonRows(torch.autograd.Function):
         spec: _Spec = ctx.spec
         nones = (None,) * 4  # target, ce_keep, kl_keep, spec
         if building_graph():  # double backward: differentiate the plain-autograd rows
-            with torch.enable_grad():
-                ref = rows_reference(x, y, target, ce_keep, kl_keep, spec.smoothing)
-            grads = differentiable_grads(
-                list(ref), [grad_kl, grad_ce], [x, y], ctx.needs_input_grad[:2]
+            grads = rows_second_order(
+                x,
+                y,
+                target,
+                ce_keep,
+                kl_keep,
+                spec.smoothing,
+                grad_kl,
+                grad_ce,
+                ctx.needs_input_grad[:2],
             )
             return (*grads, *nones)
         concat = y is None
@@ -725,9 +732,9 @@ class _TritonLinear(_LinearRDrop):
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         h2 = hidden.reshape(-1, hidden.shape[-1])
         num_rows = h2.shape[0] // 2
-        live = kl_keep if target is None else (None if ce_keep is None else ce_keep | kl_keep)
         # Dead rows (padding) are gathered away: they never reach the matmuls.
-        rows = torch.arange(num_rows, device=h2.device) if live is None else live.nonzero()[:, 0]
+        live = live_rows(ce_keep, kl_keep, target is not None)
+        rows = live_row_ids(live, num_rows, h2.device)
         grads = _LinearGrads(h2, weight) if spec.want_grad else None
         kl_sum = torch.zeros((), dtype=dtype, device=h2.device)
         ce_sum = torch.zeros((), dtype=dtype, device=h2.device)
@@ -741,15 +748,9 @@ class _TritonLinear(_LinearRDrop):
             ce_sum += ce_c
             if grads is not None:
                 grads.add(z, h, idx, weight)  # z now holds d loss / d z
-        task = ce_sum / max(2 * spec.n_ce, 1)
-        kl = kl_sum / max(spec.n_kl, 1)
-        loss = task + (spec.alpha / 2.0) * kl
-        ctx.mark_non_differentiable(task, kl)
-        ctx.spec = spec
-        saved = (None, None, None) if grads is None else _final_grads(grads, hidden, bias)
-        # The inputs (references, no copies) serve a double backward only.
-        ctx.save_for_backward(*saved, hidden, weight, bias, target, ce_keep, kl_keep)
-        return loss, task, kl
+        final = None if grads is None else _final_grads(grads, hidden, bias)
+        inputs = (hidden, weight, bias, target, ce_keep, kl_keep)
+        return _LinearRDrop.finish(ctx, spec, ce_sum, kl_sum, final, inputs)
 
 
 def _final_grads(

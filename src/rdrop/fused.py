@@ -90,7 +90,8 @@ def rdrop_cross_entropy(
     ...)`` (to float32 rounding), but one chunked pass over the logits in forward and one in
     backward, writing the gradient straight into a single tensor like ``logits``: the
     extra memory is that gradient plus a few chunk buffers. ``num_passes > 2`` falls back
-    to :func:`rdrop.rdrop_loss`. No double backward.
+    to :func:`rdrop.rdrop_loss`. A double backward (gradient penalties, Hessian-vector
+    products) differentiates the plain-autograd formula instead, at its memory cost.
 
     Example:
         >>> import torch
@@ -118,6 +119,7 @@ def rdrop_cross_entropy(
         mask: optional boolean item mask ``[B, ...]`` (``True`` = keep) for the KL.
         chunk_size: rows per chunk (default: about 2**18 logits a chunk and pass); two
             passes only (``num_passes > 2`` runs the unchunked :func:`rdrop.rdrop_loss`).
+            On CPU, giving it selects the chunked ATen kernel instead of the C++ one.
         check_finite: raise a ``ValueError`` when the loss is not finite.
 
     Returns:
@@ -183,7 +185,12 @@ def rdrop_linear_cross_entropy(
     differentiated at once, and the gradients w.r.t. ``hidden``, ``weight`` and ``bias``
     are accumulated during the forward, so neither the ``[2B, ..., V]`` logits nor their
     gradient ever exist. Peak extra memory: ``[2B, ..., H]`` + ``[V, H]`` gradients and a
-    few chunk buffers. Matmuls run in the inputs' dtype, the loss in float32.
+    few chunk buffers. Matmuls run in the inputs' dtype, the loss in float32. On CPU each
+    chunk's logits are scored by the C++ row kernel (one vectorised sweep per row in
+    forward and one in backward) unless ``RDROP_NO_CPP=1`` or it cannot be built; chunks
+    it refuses (rows that are not finite) and other devices without Triton use the ATen
+    formulas. Unlike :func:`rdrop_cross_entropy`, giving ``chunk_size`` only sizes the
+    chunks here; it does not select a kernel.
 
     Only ``loss`` carries a gradient (computed for the alpha given here); ``task_loss``
     and ``consistency_loss`` are detached values for logging. ``num_passes > 2`` computes
