@@ -267,6 +267,8 @@ class RDropTrainerMixin:
                 f"branch_at must be a module or its name, got {type(branch_at).__name__}"
             )
         self.rdrop_branch_at = branch_at
+        # (model, branch module) of the last model resolved: one lookup per model, not step
+        self._rdrop_branch_resolved: tuple[nn.Module, nn.Module] | None = None
         self._rdrop_checked = False
         self._rdrop_reset_logs()
         super().__init__(*args, **kwargs)
@@ -406,7 +408,11 @@ class RDropTrainerMixin:
         """``(model, branch module)`` for partial-depth R-Drop, or ``None``."""
         if self.rdrop_branch_at is None:
             return None
-        return model, resolve_branch(model, self.rdrop_branch_at)[1]
+        resolved = self._rdrop_branch_resolved
+        if resolved is None or resolved[0] is not model:
+            resolved = (model, resolve_branch(model, self.rdrop_branch_at)[1])
+            self._rdrop_branch_resolved = resolved
+        return resolved
 
     def _rdrop_hidden_state_objective(
         self, hidden: list[Tensor], layer: nn.Linear, target: Tensor, alpha: float
