@@ -131,6 +131,14 @@ def kl_case(rows: int, classes: int) -> Case:
 
         return step
 
+    both = torch.cat([a.detach(), b.detach()]).requires_grad_()
+
+    def halves() -> Tensor:
+        both.grad = None
+        value = rdrop.symmetric_kl(*both.chunk(2))  # the usual call on a doubled batch
+        value.backward()
+        return value
+
     variants = {
         "official README (softmax targets, sum)": run(official_readme_kl),
         "log_target=True reference": run(log_target_kl),
@@ -138,6 +146,7 @@ def kl_case(rows: int, classes: int) -> Case:
             lambda x, y: rdrop.symmetric_kl(x, y, implementation="reference")
         ),
         "rdrop chunked kernel (default)": run(lambda x, y: rdrop.symmetric_kl(x, y)),
+        "rdrop kernel on the halves of one tensor": halves,
         "rdrop ATen chunked kernel (RDROP_NO_CPP path)": run(
             lambda x, y: rdrop.symmetric_kl(x, y, chunk_size=aten_chunk(classes))
         ),

@@ -201,6 +201,33 @@ def test_rdrop_loss_auto_uses_fused_and_writes_one_gradient(monkeypatch) -> None
     assert calls == []
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_symmetric_kl_of_halves_writes_one_gradient(chunk_size, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``symmetric_kl(*logits.chunk(2))``: the kernel gets the concatenated tensor itself,
+    so autograd does not build a zero-filled copy of it per half."""
+    seen: list[bool] = []
+    for module, name in ((_cpu_kernel, "rows"), (_fused_kernel, "fused_rows")):
+        real = getattr(module, name)
+
+        def spy(x, y, *args, _real=real):  # type: ignore[no-untyped-def]
+            seen.append(y is None)
+            return _real(x, y, *args)
+
+        monkeypatch.setattr(module, name, spy)
+    logits = _logits(2 * 6, 4, 50, seed=36).requires_grad_()
+    mask = torch.rand(6, 4, generator=torch.Generator().manual_seed(37)) > 0.3
+    value = rdrop.symmetric_kl(
+        *logits.chunk(2), mask, implementation="fused", chunk_size=chunk_size
+    )
+    (grad,) = torch.autograd.grad(value, logits)
+    assert seen and all(seen)
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = rdrop.symmetric_kl(*ref_logits.chunk(2), mask, implementation="reference")
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert_close_rel(value.detach(), ref.detach())
+    assert_close_rel(grad, ref_grad)
+
+
 def test_fused_on_separate_or_strided_passes() -> None:
     full = _logits(2 * 4, 6, 9, seed=21)
     target = _target(4, 5, classes=9, seed=22)

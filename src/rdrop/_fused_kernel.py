@@ -787,8 +787,17 @@ def direct_symmetric_kl(logits_a: Tensor, logits_b: Tensor, mask: Tensor | None)
     if not _cpu_kernel.supports(logits_a):
         return None
     keep = None if mask is None else mask.reshape(-1)
-    found = _cpu_kernel.rows(logits_a, logits_b, None, None, keep, 0.0)
+    found = _cpu_kernel.rows(*_as_pair(logits_a, logits_b), None, None, keep, 0.0)
     return None if found is None else found[0].reshape(logits_a.shape[:-1])
+
+
+def _as_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(base, None)`` when ``a`` and ``b`` are the halves of one tensor (see
+    :func:`concatenated_base`), so that the kernel returns one gradient for it; else
+    ``(a, b)``. Returning a gradient per half would make autograd build a zero-filled
+    copy of the whole tensor for each half and add them, which costs more than the KL."""
+    base = concatenated_base(a, b)
+    return (a, b) if base is None else (base, None)
 
 
 def chunked_symmetric_kl(
@@ -796,7 +805,7 @@ def chunked_symmetric_kl(
 ) -> Tensor:
     """Per-item symmetric KL (item shape = ``logits_a.shape[:-1]``), masked items 0."""
     keep = None if mask is None else mask.reshape(-1)
-    kl, _ = fused_rows(logits_a, logits_b, None, None, keep, 0.0, chunk_size)
+    kl, _ = fused_rows(*_as_pair(logits_a, logits_b), None, None, keep, 0.0, chunk_size)
     return kl.reshape(logits_a.shape[:-1])
 
 
