@@ -408,6 +408,22 @@ def test_duplicate_runs_keep_the_last_finished(tmp_path: Path) -> None:
     assert len(loaded) == 1 and loaded[0]["selections"]["equal_epochs"]["test"]["accuracy"] == 0.7
 
 
+def test_duplicate_runs_of_another_setting_name_what_differs(tmp_path: Path) -> None:
+    """Two pilots of one run at two learning rates in one folder: the warning says which
+    setting differs and to give the other its own folder."""
+    low = make_record(SST2, "baseline", None, 0, 0.5, 0.5)
+    low["config"] = dict(low["config"], lr=2e-5)
+    high = dict(make_record(SST2, "baseline", None, 0, 0.7, 0.7), finished_at="2024-02-01")
+    high["config"] = dict(high["config"], lr=5e-5)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "low.json").write_text(json.dumps(low))
+    (tmp_path / "runs" / "high.json").write_text(json.dumps(high))
+    with pytest.warns(
+        ReportWarning, match=r"differ in lr \(5e-05 kept, 2e-05 ignored\).*--results-dir"
+    ):
+        load_records(tmp_path)
+
+
 def test_missing_optional_keys_and_empty_folder(tmp_path: Path) -> None:
     record = make_record(SST2, "baseline", None, 0, 0.8, 0.7)
     for key in ("evals", "train_curve", "environment", "seconds_per_step", "command"):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,13 +152,16 @@ def load_records(results_dir: str | os.PathLike[str]) -> list[Record]:
             previous_path, previous = by_key[key]
             newer = str(record.get("finished_at", "")) >= str(previous.get("finished_at", ""))
             kept, dropped = (path, previous_path) if newer else (previous_path, path)
+            configs = (record["config"], previous["config"])
+            kept_config, dropped_config = configs if newer else configs[::-1]
             where = f"task={key[0][0]} method={key[1]} alpha={key[2]} seed={key[4]}"
             if key[3]:
                 where += " " + variant_text(key[3])
             if key[5]:
                 where += f" data_seed={key[5]}"
             warnings.warn(
-                f"two records for {where}: keeping {kept.name}, ignoring {dropped.name}",
+                f"two records for {where}: keeping {kept.name}, ignoring {dropped.name}"
+                + _settings_differ(kept_config, dropped_config),
                 ReportWarning,
                 stacklevel=2,
             )
@@ -167,6 +171,19 @@ def load_records(results_dir: str | os.PathLike[str]) -> list[Record]:
     records = [record for _, record in by_key.values()]
     records.sort(key=lambda r: (task_name_of(r), _method_order(r), pair_of(r)))
     return records
+
+
+def _settings_differ(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    """What the warning about two records of one run adds when their training settings
+    differ (e.g. pilots of two learning rates in one folder): which, and what to do."""
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if not differ:
+        return ""
+    shown = ", ".join(f"{k} ({a.get(k)!r} kept, {b.get(k)!r} ignored)" for k in differ[:4])
+    return (
+        f"; they differ in {shown}: a report compares one training setting per folder, "
+        "so give runs of another setting their own --results-dir"
+    )
 
 
 # --------------------------------------------------------------------------- record access
