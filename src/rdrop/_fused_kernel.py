@@ -602,8 +602,9 @@ class _LinearRDrop(torch.autograd.Function):
         rows = live_row_ids(live_rows(ce_keep, kl_keep, target is not None), num_rows, dev)
         n = rows.numel()
         r = min(spec.rows_per_chunk, max(n, 1))
+        want = spec.want_grad
         z_buf = torch.empty(2 * r, num_classes, dtype=weight.dtype, device=dev)
-        g_buf = torch.empty(2 * r, num_classes, dtype=dtype, device=dev)
+        g_buf = torch.empty(2 * r, num_classes, dtype=dtype, device=dev) if want else None
         terms = _ChunkTerms(r, num_classes, dtype, dev, spec.smoothing, target, ce_keep)
         # per-row weights of d(loss)/d(kl_row) (halved, see ChunkMath.grads) and d/d(ce_row)
         w_kl = 0.5 * (spec.alpha / 2.0) / max(spec.n_kl, 1)
@@ -613,7 +614,6 @@ class _LinearRDrop(torch.autograd.Function):
         ce_in = torch.ones(num_rows, dtype=torch.bool, device=dev) if ce_keep is None else ce_keep
         kl_w = torch.where(kl_in, w_kl, zero)
         ce_w = torch.where(ce_in, w_ce, zero)
-        want = spec.want_grad
         grad_h = torch.zeros_like(h2) if want else None
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=dev) if want else None
         grad_b = torch.zeros(num_classes, dtype=dtype, device=dev) if want else None
@@ -631,20 +631,20 @@ class _LinearRDrop(torch.autograd.Function):
             else:
                 torch.addmm(bias, h, weight.t(), out=z)
             zf = z if z.dtype == dtype else z.to(dtype)
-            g = g_buf[: 2 * k]
+            g = None if g_buf is None else g_buf[: 2 * k]
             kl_rows, ce_rows = terms(
                 zf[:k],
                 zf[k:],
                 chunk_rows,
                 kl_weight=kl_w.index_select(0, chunk_rows),
                 ce_weight=None if target is None else ce_w.index_select(0, chunk_rows),
-                grad=g if want else None,
+                grad=g,
             )
             kl_sum += torch.where(kl_in.index_select(0, chunk_rows), kl_rows, zero).sum()
             if target is not None:
                 ce_both = ce_rows[0] + ce_rows[1]
                 ce_sum += torch.where(ce_in.index_select(0, chunk_rows), ce_both, zero).sum()
-            if grad_h is None or grad_w is None or grad_b is None:
+            if g is None or grad_h is None or grad_w is None or grad_b is None:
                 continue
             gm = g if g.dtype == weight.dtype else g.to(weight.dtype)
             grad_h.index_copy_(0, idx, torch.mm(gm, weight).to(grad_h.dtype))
