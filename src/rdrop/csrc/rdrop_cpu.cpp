@@ -296,6 +296,31 @@ void store_row(const float* src, scalar_t* dst, int64_t n) {
   }
 }
 
+// Fault in the pages of [ptr, ptr + bytes) of a large, not yet touched output with one
+// system call before they are written (MADV_POPULATE_WRITE, Linux 5.14+); each thread does
+// this for its own rows, so the faults run in parallel. Page by page, the first-touch
+// faults of a fresh logits-sized gradient cost almost as much as computing it.
+// Transparent huge pages (MADV_HUGEPAGE) would be cheaper still when free ones exist, but
+// where memory is fragmented the kernel compacts it first and a call then takes several
+// times longer; this is steady. A hint only; errors (older kernels) are ignored.
+void prefault(void* ptr, int64_t bytes) {
+#if defined(__linux__)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+  constexpr uintptr_t kPage = uintptr_t(1) << 12;
+  const auto begin = reinterpret_cast<uintptr_t>(ptr);
+  const uintptr_t first = (begin + kPage - 1) & ~(kPage - 1);
+  const uintptr_t last = (begin + static_cast<uintptr_t>(bytes)) & ~(kPage - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
+  }
+#endif
+}
+
+// Outputs at least this large are prefaulted (smaller ones: the faults are negligible).
+constexpr int64_t kPrefaultBytes = int64_t(1) << 23;
+
 template <typename scalar_t>
 void backward_impl(
     const Tensor& a,
@@ -318,7 +343,13 @@ void backward_impl(
   scalar_t* ob = grad_b.has_value() ? grad_b->data_ptr<scalar_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const bool populate = rows * n * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefaultBytes;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    if (populate) {
+      const int64_t bytes = (end - begin) * n * static_cast<int64_t>(sizeof(scalar_t));
+      if (oa != nullptr) prefault(oa + begin * n, bytes);
+      if (ob != nullptr) prefault(ob + begin * n, bytes);
+    }
     std::vector<float> fa, fb, ta(n), tb(n);
     if constexpr (!kFloat) {
       fa.resize(n);
@@ -350,30 +381,6 @@ void backward_impl(
       if (db != nullptr) store_row(gb, db, n);
     }
   });
-}
-
-// Fault in a large, not yet touched output with one system call before the kernel writes
-// it (MADV_POPULATE_WRITE, Linux 5.14+): page by page, the first-touch faults of a fresh
-// logits-sized gradient cost almost as much as computing it. Transparent huge pages
-// (MADV_HUGEPAGE) would be cheaper still when free ones exist, but where memory is
-// fragmented the kernel compacts it first and a call then takes several times longer;
-// this is steady. A hint only; errors (older kernels) are ignored.
-void prefault(const std::optional<Tensor>& out) {
-#if defined(__linux__)
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-  constexpr uintptr_t kPage = uintptr_t(1) << 12;
-  if (!out.has_value() || out->nbytes() < (uintptr_t(1) << 23)) {
-    return;
-  }
-  const auto begin = reinterpret_cast<uintptr_t>(out->data_ptr());
-  const uintptr_t first = (begin + kPage - 1) & ~(kPage - 1);
-  const uintptr_t last = (begin + out->nbytes()) & ~(kPage - 1);
-  if (last > first) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
-  }
-#endif
 }
 
 void check_pair(const Tensor& a, const Tensor& b) {
@@ -417,8 +424,6 @@ void rows_backward(
     const std::optional<Tensor>& grad_a,
     const std::optional<Tensor>& grad_b) {
   check_pair(a, b);
-  prefault(grad_a);
-  prefault(grad_b);
   switch (a.scalar_type()) {
     case at::kFloat:
       return backward_impl<float>(a, b, stats, target, w_kl, w_ce, smoothing, grad_a, grad_b);
