@@ -176,3 +176,57 @@ def test_a_corrupt_checkpoint_names_the_file(tmp_path: Path, content: bytes) -> 
     path.write_bytes(content)
     with pytest.raises(ResumeError, match="bad.safetensors"):
         load_resume_state(path)
+
+
+def test_a_run_resumed_with_another_thread_count_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _register(monkeypatch, ToyTask(examples(16)))
+    config = RunConfig("toy", max_epochs=4.0, patience=20, equal_time=False, **TOY)
+    store = ResultStore(tmp_path)
+    resume = resume_path(tmp_path / "resume", store.results_dir, config.run_id())
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def dying_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise Killed
+        return real_step(self, *args, **kwargs)
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(Killed):
+        train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.raises(ConfigError, match=f"resume with --threads {threads} "):
+            train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert resume.is_file()  # kept: the same command with the right --threads resumes it
+    resumed = train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
+    assert resumed["resumes"][0]["step"] == 3
+
+
+def test_a_nan_validation_score_is_never_the_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = ScriptedTask([math.nan, 0.4, math.nan, 0.3, 0.35, 0.2])
+    _register(monkeypatch, task)
+    config = RunConfig("scripted", max_epochs=10.0, patience=3, equal_time=False, **TOY)
+    store = ResultStore(tmp_path)
+    resume = resume_path(tmp_path / "resume", store.results_dir, config.run_id())
+    # checkpoint_every=0 writes a checkpoint holding the NaN score after every step.
+    record = train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
+    assert record["selections"]["converged"]["step"] == 4  # 0.4, not the NaN before it
+    assert [e["step"] for e in record["evals"]] == [2, 4, 6, 8, 10]  # 3 after the best
+
+
+def test_non_finite_floats_survive_a_resume_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "state.safetensors"
+    save_resume_state(
+        path, {"scores": [math.nan, math.inf, -math.inf, 0.5], "weights": torch.ones(2)}
+    )
+    state = load_resume_state(path)
+    assert math.isnan(state["scores"][0]) and state["scores"][1:] == [math.inf, -math.inf, 0.5]

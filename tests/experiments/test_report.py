@@ -252,7 +252,7 @@ def test_verdict_uses_paper_alpha() -> None:
     line = next(line for line in text.splitlines() if line.startswith("**Verdict"))
     assert "R-Drop α=1.0 (the paper's α)" in line
     assert f"equal epochs: {VERDICT_NO_DIFFERENCE}" in line
-    assert f"equal wall-clock time: {VERDICT_NO_DIFFERENCE}" in line
+    assert f"equal training time: {VERDICT_NO_DIFFERENCE}" in line
 
 
 def test_verdict_without_paper_alpha_chooses_by_validation_not_test() -> None:
@@ -311,7 +311,7 @@ def test_write_report_contents_and_plots(tmp_path: Path) -> None:
         "validation split",
         "never used for selection",
         "mean ± std",
-        "equal wall-clock time",
+        "equal training time",
         "time_budget_seconds",
         "test_labeled.tsv (labelled test)",
         "half of dev.tsv carved off (fixed seed)",
@@ -432,7 +432,7 @@ def test_missing_optional_keys_and_empty_folder(tmp_path: Path) -> None:
     write_records(tmp_path / "one", [record])
     text = write_report(tmp_path / "one").read_text(encoding="utf-8")
     assert "0.8000 (1 run)" in text
-    assert "equal wall-clock time: not measured" not in text  # no R-Drop: no verdict budgets
+    assert "equal training time: not measured" not in text  # no R-Drop: no verdict budgets
     assert "no R-Drop runs" in text
     (tmp_path / "empty" / "runs").mkdir(parents=True)
     assert "No finished runs" in write_report(tmp_path / "empty").read_text(encoding="utf-8")

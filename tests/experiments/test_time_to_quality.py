@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 
 from rdrop_lab.report import write_report
-from rdrop_lab.report._convergence import paired_at_budget, time_budgets
+from rdrop_lab.report._convergence import (
+    common_pairs,
+    converged_marks,
+    paired_at_budget,
+    stopped_before_equal_epochs,
+    time_budgets,
+)
 from rdrop_lab.store import ResultStore
 from rdrop_lab.time_to_quality import (
     best_so_far,
@@ -66,6 +72,7 @@ def record(method: str, seed: int) -> dict[str, Any]:
         "train_seconds": last["train_seconds"],
         "seconds_per_step": 1.0,
         "converged": not (method == "baseline" and seed == 1),
+        "stop_reason": "max_epochs" if (method == "baseline" and seed == 1) else "early_stop",
         "selections": {"converged": selection, "equal_epochs": selection, "equal_time": None},
         "environment": {"torch_threads": 1},
         "finished_at": "2026-12-01T00:00:00",
@@ -151,3 +158,64 @@ def test_verdict_table_row_by_hand(tmp_path: Path) -> None:
     row = next(line for line in table.splitlines() if line.startswith("| sst2"))
     assert "| 4 (3) |" in row and "+0.0650 [-0.1256, +0.2556]" in row and "| 2/0/0 |" in row
     assert "60 s (6.0 baseline epochs)" in row and "1.00×" in row
+
+
+def test_equal_time_budget_is_rdrops_time_for_the_equal_epochs_point() -> None:
+    # planned_steps = 40: R-Drop's last evaluations within 40 steps are at 40 s (seed 0)
+    # and 40 s (seed 1), so the equal-time budget is 40 s; the baseline's best by 40 s is
+    # 0.66 (seed 0, at 20 s) and 0.70 (seed 1, at 30 s), R-Drop's 0.71 and 0.69.
+    rdrop = [{**r, "planned_steps": 40} for r in RDROP]
+    budgets = dict(time_budgets(rdrop, BASE, "accuracy"))
+    assert budgets["equal time: R-Drop's time for 4.0 epochs"] == 40.0
+    at = paired_at_budget(rdrop, BASE, 40.0, "accuracy")
+    assert at is not None and at.mean == pytest.approx(((0.71 - 0.66) + (0.69 - 0.70)) / 2)
+
+
+def test_time_to_quality_uses_the_seeds_both_methods_have(tmp_path: Path) -> None:
+    # A third R-Drop seed without a baseline must not move R-Drop's budgets or curve.
+    extra = {**record("rdrop", 1), "run_id": "toy__rdrop__s2"}
+    extra["config"] = {**extra["config"], "seed": 2}
+    extra["evals"] = [{**e, "train_seconds": e["train_seconds"] * 10} for e in extra["evals"]]
+    treatment, control = common_pairs([*RDROP, extra], BASE)
+    assert [r["config"]["seed"] for r in treatment] == [0, 1] and len(control) == 2
+    store = ResultStore(tmp_path)
+    for r in [*BASE, *RDROP, extra]:
+        store.write(r)
+    text = write_report(tmp_path).read_text()
+    assert "over the 2 seed(s) both have" in text
+    assert "| R-Drop's time to its best | 60 s | +0.0650 |" in text  # not the 600 s seed
+    assert "| converged vs converged | — | +0.0650 | [-0.1256, +0.2556] | 2/0/0 | 2 |" in text
+
+
+def test_convergence_marks_read_the_stop_reason() -> None:
+    from rdrop_lab.report._grouping import group_tasks
+
+    diverged = {**record("rdrop", 1), "converged": False, "stop_reason": "diverged"}
+    unprotocolled = {**record("baseline", 0), "run_id": "toy__baseline__s0__old"}
+    unprotocolled["config"] = {**unprotocolled["config"], "patience": None, "seed": 5}
+    (task,) = group_tasks([*BASE, RDROP[0], diverged, unprotocolled])
+    done, total, missing = converged_marks(task)
+    assert (done, total) == (2, 4)  # the record without patience is not counted
+    assert "baseline seed 1 (hit max_epochs)" in missing
+    assert any(m.endswith("seed 1 (diverged)") for m in missing)
+
+
+def test_runs_stopped_before_the_equal_epochs_point_are_flagged(tmp_path: Path) -> None:
+    short = {**record("baseline", 0), "planned_steps": 50}  # stopped early at step 40
+    assert stopped_before_equal_epochs([short, {**RDROP[0], "planned_steps": 80}]) == [short]
+    store = ResultStore(tmp_path)
+    for r in [short, BASE[1], *RDROP]:
+        store.write(r)
+    text = write_report(tmp_path).read_text()
+    assert "Stopped early before the equal-epochs point" in text
+    assert "baseline seed 0 (epoch 4.00)" in text
+
+
+def test_report_names_the_training_clock(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    for r in [*BASE, *RDROP]:
+        store.write({**r, "clock": "process_cpu"})
+    text = write_report(tmp_path).read_text()
+    assert "process CPU time of the training steps, torch threads: 1" in text
+    assert "**Trained to convergence**" in text
+    assert "wall-clock time of the training steps" not in text

@@ -101,6 +101,24 @@ def _threads(count: int | None = None) -> None:
     torch.set_num_threads(count or max(1, os.cpu_count() or 1))
 
 
+def _note_clock(runs: Sequence[RunConfig]) -> None:
+    """Say when runs that compare methods by training time use more than one thread: the
+    training clock (process CPU time) sums the threads, and threads that wait for each
+    other spin, so other processes on the machine can then move it."""
+    import torch
+
+    timed = [r for r in runs if r.converges or r.equal_time]
+    threads = torch.get_num_threads()
+    if timed and threads > 1:
+        print(
+            f"note: {len(timed)} run(s) compare methods by training time, measured as process "
+            f"CPU time over {threads} torch threads; with more than one thread, other processes "
+            "on the machine can move that clock. Use --threads 1 for time budgets that do not "
+            "depend on the machine's load.",
+            file=sys.stderr,
+        )
+
+
 def _finish(results_dir: Path, out: Any) -> None:
     from rdrop_lab.report import load_records, summary_table, write_report
 
@@ -191,6 +209,7 @@ def _execute(runs: list[RunConfig], args: argparse.Namespace, argv: Sequence[str
     for run in runs:
         check_run(run)
     _threads(args.threads)
+    _note_clock(runs)
     results_dir = Path(args.results_dir)
     store = ResultStore(results_dir)
     checkpoints = results_dir / "checkpoints" if args.save_checkpoints else None
@@ -417,7 +436,11 @@ def _parser() -> argparse.ArgumentParser:
             help="save each run's selected model (safetensors)",
         )
         p.add_argument(
-            "--threads", type=int, default=None, help="torch threads (default: all CPU cores)"
+            "--threads",
+            type=int,
+            default=None,
+            help="torch threads (default: all CPU cores; training-time budgets do not depend "
+            "on the machine's load only at 1)",
         )
         p.add_argument(
             "--checkpoint-every",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -84,6 +85,8 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
         return {"__tuple__": [_encode(v, tensors, f"{prefix}.{i}") for i, v in enumerate(value)]}
     if isinstance(value, list):
         return [_encode(v, tensors, f"{prefix}.{i}") for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}  # 'nan', 'inf' or '-inf': JSON has no such numbers
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"{prefix}: cannot store a {type(value).__name__} in a resume checkpoint")
@@ -102,6 +105,8 @@ def _decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return {int(k): _decode(v, tensors) for k, v in tree["__int_dict__"]}
     if "__tuple__" in tree:
         return tuple(_decode(v, tensors) for v in tree["__tuple__"])
+    if "__float__" in tree and tree["__float__"] in ("nan", "inf", "-inf"):
+        return float(tree["__float__"])
     raise ResumeError(f"unknown entry in a resume checkpoint: {sorted(tree)}")
 
 

@@ -14,9 +14,9 @@ Protocol (the same for every method):
    since the authors' check is that it grows without R-Drop).
 4. Two budgets. *Equal epochs*: the best validation checkpoint among the scheduled
    evaluations within ``epochs`` epochs (every method chooses from the same steps).
-   *Equal wall-clock time*: methods cheaper per step than R-Drop (the baseline) keep
-   training until they have used as many training seconds as R-Drop needed for ``epochs``
-   epochs on the same task (the median over finished R-Drop runs with the same thread
+   *Equal training time* (process CPU seconds): methods cheaper per step than R-Drop (the
+   baseline) keep training until they have used as many training seconds as R-Drop needed
+   for ``epochs`` epochs on the same task (the median over finished R-Drop runs with the same thread
    count; at most ``max_time_factor`` times the planned steps), are evaluated when they
    reach it, and the best validation checkpoint within that time is selected. Methods that
    cost what R-Drop costs (``doubled_batch``, R-Drop + MixUp, ...) use their equal-epochs
@@ -196,7 +196,12 @@ def check_run(config: RunConfig) -> None:
 
 
 def _strictly_better(value: float, best: float, higher: bool) -> bool:
-    """Whether a validation score beats the best so far (a tie keeps the earlier one)."""
+    """Whether a validation score beats the best so far (a tie keeps the earlier one; a
+    NaN score never beats, and is beaten by any number)."""
+    if math.isnan(value):
+        return False
+    if math.isnan(best):
+        return True
     return value > best if higher else value < best
 
 
@@ -1070,6 +1075,7 @@ def _save_resume(
             "snapshots": snapshots,
             "method": _resumable_objects(t.context),
             "counters": dict(t.context.counters),
+            "torch_threads": torch.get_num_threads(),
         },
     )
 
@@ -1127,9 +1133,18 @@ def _resume(
             t.context.resumable[name][1](value)
         t.context.counters.update(saved["counters"])
         state = _LoopState.from_json(saved["loop"])
+        saved_threads = saved.get("torch_threads")
     except (ResumeError, KeyError, TypeError, ValueError, RuntimeError) as error:
         _say(progress, f"{config.run_id()}: cannot resume ({error}); starting the run again")
         return None
+    if saved_threads is not None and saved_threads != torch.get_num_threads():
+        # The training clock sums CPU time over threads: one run must not mix counts.
+        raise ConfigError(
+            f"run {config.run_id()}: its resumable checkpoint {path} was trained with "
+            f"--threads {saved_threads}, this process has {torch.get_num_threads()}; resume "
+            f"with --threads {saved_threads} (the training clock must not mix thread counts), "
+            "or delete the checkpoint to start the run again"
+        )
     _say(
         progress,
         f"resuming {config.run_id()} from step {state.step} "

@@ -15,7 +15,7 @@ from rdrop_lab.report._grouping import (
     MethodRuns,
     TaskRuns,
 )
-from rdrop_lab.report._records import Record, pair_of
+from rdrop_lab.report._records import Record, clock_description, pair_of
 from rdrop_lab.stats import (
     PairedDifference,
     format_interval,
@@ -33,11 +33,13 @@ from rdrop_lab.time_to_quality import (
 
 __all__ = [
     "verdict_table",
+    "common_pairs",
     "converged_marks",
     "converging",
     "convergence_lines",
     "paired_at_budget",
     "plot_best_so_far",
+    "stopped_before_equal_epochs",
     "time_budgets",
 ]
 
@@ -52,17 +54,46 @@ def _usable(group: MethodRuns) -> list[Record]:
 
 
 def converged_marks(task: TaskRuns) -> tuple[int, int, list[str]]:
-    """(converged runs, all runs, labels of the runs that did not converge)."""
+    """(converged runs, runs of the convergence protocol, labels of those that did not
+    converge, with why: ``max_epochs`` or ``diverged``). Records without ``patience``
+    did not follow the protocol and are not counted."""
     done, total, missing = 0, 0, []
     for group in task.groups:
         for record in group.records:
+            if record.get("config", {}).get("patience") is None:
+                continue
             total += 1
             if record.get("converged"):
                 done += 1
-            else:
-                reason = "diverged" if record.get("diverged") else "hit max_epochs"
-                missing.append(f"{group.label} seed {pair_of(record)[0]} ({reason})")
+                continue
+            reason = record.get("stop_reason") or ("diverged" if record.get("diverged") else "")
+            reason = {"max_epochs": "hit max_epochs"}.get(reason, reason or "not recorded")
+            missing.append(f"{group.label} seed {pair_of(record)[0]} ({reason})")
     return done, total, missing
+
+
+def common_pairs(
+    treatment: Sequence[Record], control: Sequence[Record]
+) -> tuple[list[Record], list[Record]]:
+    """The runs of both methods restricted to the (seed, data draw) pairs both have, so
+    that every time-to-quality figure compares the same seeds."""
+    shared = {pair_of(r) for r in treatment} & {pair_of(r) for r in control}
+    return (
+        [r for r in treatment if pair_of(r) in shared],
+        [r for r in control if pair_of(r) in shared],
+    )
+
+
+def stopped_before_equal_epochs(runs: Sequence[Record]) -> list[Record]:
+    """The runs that stopped early (patience ran out) before the equal-epochs point, so
+    their equal-epochs model is their converged model, chosen from fewer epochs."""
+    return [
+        r
+        for r in runs
+        if r.get("stop_reason") == "early_stop"
+        and r.get("planned_steps") is not None
+        and r.get("steps", 0) < r["planned_steps"]
+    ]
 
 
 def paired_at_budget(
@@ -93,15 +124,36 @@ def time_budgets(
     treatment: Sequence[Record], control: Sequence[Record], metric: str, higher: bool = True
 ) -> list[tuple[str, float]]:
     """The budgets of the time-to-quality table: the control's and the treatment's median
-    time to their best validation score, and the longest run."""
+    time to their best validation score, the treatment's median time for the
+    equal-epochs point (the equal-time budget), and the longest run."""
     control_best = statistics.median(time_to_best(r, metric, higher) for r in control)
     treatment_best = statistics.median(time_to_best(r, metric, higher) for r in treatment)
     longest = max(r["evals"][-1]["train_seconds"] for r in (*treatment, *control))
-    return [
+    budgets = [
         ("baseline's time to its best", control_best),
         ("R-Drop's time to its best", treatment_best),
-        ("maximum (longest run)", longest),
     ]
+    equal_time = [t for r in treatment if (t := _seconds_at_planned(r)) is not None]
+    if equal_time:
+        epochs = sorted({str(r.get("config", {}).get("epochs", "?")) for r in treatment})
+        budgets.append(
+            (
+                f"equal time: R-Drop's time for {'/'.join(epochs)} epochs",
+                statistics.median(equal_time),
+            )
+        )
+    budgets.append(("maximum (longest run)", longest))
+    return budgets
+
+
+def _seconds_at_planned(record: Record) -> float | None:
+    """Training seconds at the run's last evaluation within its planned (equal-epochs)
+    steps."""
+    planned = record.get("planned_steps")
+    if planned is None:
+        return None
+    times = [e["train_seconds"] for e in record["evals"] if e["step"] <= planned]
+    return times[-1] if times else None
 
 
 def _seconds_per_epoch(runs: Sequence[Record]) -> float | None:
@@ -151,31 +203,49 @@ def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
         f"did not improve for `patience` evaluations before the run ended)."
         + (f" **Not converged:** {', '.join(missing)}." if missing else ""),
     ]
+    early = [
+        f"{g.label} seed {pair_of(r)[0]} (epoch {r['epochs_run']:.2f})"
+        for g in task.groups
+        for r in stopped_before_equal_epochs(g.records)
+    ]
+    if early:
+        lines.append(
+            "Stopped early before the equal-epochs point, so their equal-epochs model is "
+            f"their converged model, chosen from fewer epochs: {', '.join(early)}."
+        )
     base = task.baseline
     if base is None or not _usable(base):
         return lines
-    control = _usable(base)
     for group in task.groups:
         if not group.method.startswith("rdrop") or not _usable(group):
             continue
-        treatment = _usable(group)
+        treatment, control = common_pairs(_usable(group), _usable(base))
+        if not treatment:
+            continue
         header = [
             "budget",
             "training s",
             f"Δ test {metric} ({group.label} − baseline)",
             "95% t-interval",
             "W/T/L",
+            "n",
         ]
         rows = []
-        for name, seconds in time_budgets(treatment, control, metric, higher):
+        budgets = [
+            *time_budgets(treatment, control, metric, higher),
+            ("converged vs converged", math.inf),
+        ]
+        for name, seconds in budgets:
             diff = paired_at_budget(treatment, control, seconds, metric, higher)
-            rows.append([name, _format_seconds(seconds), *_interval_cells(diff, digits, higher)])
-        converged = paired_at_budget(treatment, control, math.inf, metric, higher)
-        rows.append(["converged vs converged", "—", *_interval_cells(converged, digits, higher)])
+            rows.append(
+                [
+                    name,
+                    "—" if math.isinf(seconds) else _format_seconds(seconds),
+                    *_interval_cells(diff, digits, higher),
+                    str(diff.n if diff is not None else 0),
+                ]
+            )
         crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
-        threads = sorted(
-            {str(r.get("environment", {}).get("torch_threads", "?")) for r in treatment + control}
-        )
         if crossing.seconds is None:
             crossed = "never (its best-so-far validation curve is not ahead at the end)"
         else:
@@ -186,9 +256,10 @@ def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
         extra_seconds = _mean_extra(treatment, control, "train_seconds", metric, higher)
         lines += [
             "",
-            f"Time to quality, {group.label} vs baseline (test scores of the models each "
-            "method would have selected on validation within the budget; training seconds "
-            f"on the process CPU clock, torch threads: {', '.join(threads)}):",
+            f"Time to quality, {group.label} vs baseline over the {len(control)} seed(s) "
+            "both have (test scores of the models each method would have selected on "
+            "validation within the budget; training seconds: "
+            f"{clock_description([*treatment, *control])}):",
             "",
             _table(header, rows),
             "",
@@ -229,7 +300,8 @@ def plot_best_so_far(task: TaskRuns, colors: dict[str, str], path: Path) -> bool
             continue
         xs = [t for t, _ in points]
         color = colors[group.label]
-        axes.step(xs, [v[0] for _, v in points], where="post", color=color, label=group.label)
+        label = f"{group.label} (n={len(runs)})"
+        axes.step(xs, [v[0] for _, v in points], where="post", color=color, label=label)
         axes.fill_between(
             xs,
             [v[1] for _, v in points],
@@ -241,7 +313,7 @@ def plot_best_so_far(task: TaskRuns, colors: dict[str, str], path: Path) -> bool
         drawn = True
     if not drawn:
         return False
-    axes.set_xlabel("training time (s, process CPU)")
+    axes.set_xlabel(f"training seconds ({clock_description(task.records)})")
     axes.set_ylabel(f"best-so-far validation {metric}")
     axes.set_title(f"{task.title}: time to quality (mean over seeds, band: range)")
     axes.grid(True, alpha=0.3)
@@ -272,7 +344,9 @@ def verdict_table(tasks: Sequence[TaskRuns], digits: int = 4) -> str:
         if chosen is None or base is None:
             continue
         group, reason = chosen
-        treatment, control = _usable(group), _usable(base)
+        treatment, control = common_pairs(_usable(group), _usable(base))
+        if not treatment:
+            continue
         metric, higher = task.primary, task.higher_is_better
         diff = paired_at_budget(treatment, control, math.inf, metric, higher)
         delta, interval, wtl = _interval_cells(diff, digits, higher)

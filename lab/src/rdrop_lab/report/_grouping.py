@@ -14,6 +14,7 @@ from rdrop_lab.report._records import (
     Record,
     Variant,
     alpha_of,
+    clock_description,
     config_of,
     data_seed_of,
     finite_or_none,
@@ -300,8 +301,9 @@ def _consistency_notes(task: TaskRuns) -> list[str]:
     if timed and len(days) > 1:
         notes.append(
             f"runs were made on {len(days)} different days ({', '.join(days)}); the equal-time "
-            "budget is wall-clock, so equal-time comparisons assume the machine ran at the "
-            "same speed on each (compare the s/step column with earlier reports)"
+            f"budget is measured training time ({clock_description(task.records)}), so "
+            "equal-time comparisons assume the machine ran at the same speed on each (compare "
+            "the s/step column with earlier reports)"
         )
     base = task.baseline
     for group in task.groups:

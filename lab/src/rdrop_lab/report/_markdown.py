@@ -21,6 +21,7 @@ from rdrop_lab.report._records import (
     BUDGETS,
     COSTS_LIKE_RDROP,
     Record,
+    clock_description,
     finite_or_none,
     method_of,
 )
@@ -35,7 +36,7 @@ from rdrop_lab.stats import (
 _BUDGET_TITLES = {
     "converged": "converged vs converged",
     "equal_epochs": "equal epochs",
-    "equal_time": "equal wall-clock time",
+    "equal_time": "equal training time",
 }
 _BUDGET_SHORT = {"converged": "converged", "equal_epochs": "eq. epochs", "equal_time": "eq. time"}
 
@@ -323,7 +324,7 @@ def summary_table(records: Sequence[Record]) -> str:
 
     Returns:
         Per task: a heading, the table (test primary metric mean ± std at equal epochs and at
-        equal wall-clock time, paired difference vs the baseline with its 95% t- and bootstrap
+        equal training time, paired difference vs the baseline with its 95% t- and bootstrap
         intervals and wins/ties/losses, validation metric at selection, seconds per step) and
         the verdict line; for runs trained to convergence also which runs converged and the
         time-to-quality table.
@@ -404,12 +405,7 @@ def protocol_section(tasks: Sequence[TaskRuns]) -> list[str]:
         f"its {CONFIDENCE:.0%} percentile-bootstrap interval ({N_BOOTSTRAP} resamples, seed "
         f"{BOOTSTRAP_SEED}) and W/T/L = seeds where the method is better / equal / worse. "
         "With few seeds the bootstrap interval is too narrow; the verdict uses the t-interval.",
-        "- **Two budgets**: *equal epochs* (every method trains for the same number of epochs) "
-        "and *equal wall-clock time* (the baseline continues training until it has used the "
-        "median training time of the R-Drop runs, `time_budget_seconds`, is evaluated when it "
-        "reaches it and is selected on validation among the evaluations up to that point; "
-        "R-Drop and the doubled batch cost the same per step, so their equal-time model is "
-        "their equal-epochs model).",
+        *_budget_protocol(tasks),
         "- **Verdict**: R-Drop at the paper's α for the task if it was run, else the α with the "
         "best mean *validation* metric (never chosen by test); R-Drop or the baseline is "
         "called better only when the 95% t-interval of the paired difference excludes 0.",
@@ -432,6 +428,41 @@ def protocol_section(tasks: Sequence[TaskRuns]) -> list[str]:
     ]
 
 
+def _budget_protocol(tasks: Sequence[TaskRuns]) -> list[str]:
+    """Protocol bullets for the training clock and the budgets: the convergence protocol
+    for tasks trained to an early stop, equal epochs and equal time for the others."""
+    records = [r for t in tasks for r in t.records]
+    lines = [
+        f"- **Training time** (`train_seconds`, every time budget): {clock_description(records)}. "
+        "At one torch thread the process CPU clock does not depend on what else runs on the "
+        "machine; wall-clock seconds are recorded next to it (`train_wall_seconds`)."
+    ]
+    if any(converging(t) for t in tasks):
+        lines.append(
+            "- **Trained to convergence** (tasks whose runs set `patience`): each run trains "
+            "until its validation primary metric has not improved for `patience` evaluations "
+            "in a row (once past `min_steps`), or until `max_epochs`. A run counts as "
+            "*converged* only if it stopped that way; a run that reached `max_epochs` is "
+            "marked not converged. Every checkpoint that is the best so far on validation is "
+            "scored on the test split when it is reached (selection never reads it), so the "
+            "time-to-quality table gives the test score of the model each method would have "
+            "selected within any training-time budget. Budgets: *converged vs converged* "
+            "(each method until its own early stop), *equal epochs* (the best scheduled "
+            "evaluation within `epochs`), and the time budgets of the time-to-quality table, "
+            "among them *equal time* (R-Drop's time for `epochs` epochs)."
+        )
+    if not all(converging(t) for t in tasks):
+        lines.append(
+            "- **Two budgets**: *equal epochs* (every method trains for the same number of "
+            "epochs) and *equal training time* (the baseline continues training until it has "
+            "used the median training time of the R-Drop runs, `time_budget_seconds`, is "
+            "evaluated when it reaches it and is selected on validation among the evaluations "
+            "up to that point; R-Drop and the doubled batch cost the same per step, so their "
+            "equal-time model is their equal-epochs model)."
+        )
+    return lines
+
+
 def _extra_protocol(tasks: Sequence[TaskRuns]) -> list[str]:
     """Protocol bullets for the methods, ablations and data regimes present (none for
     reports of baseline, R-Drop and the doubled batch only)."""
@@ -439,7 +470,7 @@ def _extra_protocol(tasks: Sequence[TaskRuns]) -> list[str]:
     lines = []
     if any(g.method not in COSTS_LIKE_RDROP | {"baseline"} or g.variant for g in groups):
         lines.append(
-            "- **Other methods and ablations** at equal wall-clock time: only plain R-Drop "
+            "- **Other methods and ablations** at equal training time: only plain R-Drop "
             "(k = 1, m = 2, one dropout rate, no stop-gradient) sets the time budget. Methods "
             "that cost what it costs per step (the doubled batch, R-Drop + label smoothing, "
             "R-Drop + MixUp, R-Drop + Manifold MixUp) use their equal-epochs model; every "

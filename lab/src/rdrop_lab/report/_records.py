@@ -11,7 +11,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +265,22 @@ def finite_or_none(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+_CLOCK_NAMES = {
+    "process_cpu": "process CPU time of the training steps",
+    "wall": "wall-clock time of the training steps",
+}
+
+
+def clock_description(records: Sequence[Record]) -> str:
+    """What ``train_seconds`` measures in these records, with their torch threads, e.g.
+    ``"process CPU time of the training steps, torch threads: 1"`` (records written
+    before the ``clock`` field timed wall-clock)."""
+    clocks = sorted({str(r.get("clock", "wall")) for r in records})
+    threads = sorted({str(r.get("environment", {}).get("torch_threads", "?")) for r in records})
+    names = " and ".join(_CLOCK_NAMES.get(c, c) for c in clocks)
+    return f"{names}, torch threads: {', '.join(threads)}"
 
 
 def format_alpha(alpha: float) -> str:
