@@ -219,3 +219,12 @@ def test_report_names_the_training_clock(tmp_path: Path) -> None:
     assert "process CPU time of the training steps, torch threads: 1" in text
     assert "**Trained to convergence**" in text
     assert "wall-clock time of the training steps" not in text
+
+
+def test_verdict_table_keeps_each_record_set_apart() -> None:
+    from rdrop_lab.report import converged_verdict_table
+
+    # The same task in two suites (two results folders): two rows, never one merged row.
+    table = converged_verdict_table(BASE + RDROP, BASE + RDROP)
+    rows = [line for line in table.splitlines() if line.startswith("| sst2")]
+    assert len(rows) == 2 and all("| 4 (3) |" in row for row in rows)

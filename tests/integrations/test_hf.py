@@ -234,6 +234,37 @@ def test_classification_loss_is_rdrop_loss_with_label_smoothing(tmp_path: Path) 
     torch.testing.assert_close(want.consistency_loss, plain.consistency_loss)
 
 
+def test_stop_gradient_runs_passes_two_to_m_without_gradient(tmp_path: Path) -> None:
+    from tests import reference
+
+    model = _tiny_bert(BertForSequenceClassification)
+    trainer = RDropTrainer(model=model, args=_args(tmp_path), alpha=2.0, stop_gradient=True)
+    batch = trainer.data_collator(_classification_rows(6))
+    features = {k: v for k, v in batch.items() if k != "labels"}
+    model.train()
+    torch.manual_seed(1)
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert outputs.logits.shape == (6, 3)  # pass 1's output: no forward on [x; x]
+    loss.backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    # The same dropout draws by hand: pass 1 with gradient, pass 2 as a fixed target.
+    torch.manual_seed(1)
+    a = model(**features).logits
+    with torch.no_grad():
+        b = model(**features).logits
+    # Task loss of pass 1 + (alpha / m) * the mean symmetric KL, m = 2.
+    want = (
+        reference.cross_entropy(a, batch["labels"]) + 2.0 / 2 * reference.symmetric_kl(a, b).mean()
+    )
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    rdrop.rdrop_loss([a, b], batch["labels"], 2.0, task_passes=1).loss.backward()
+    assert got.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[name], p.grad, msg=name)
+
+
 def test_token_level_labels_with_ignore_index(tmp_path: Path) -> None:
     model = _tiny_bert(BertForTokenClassification)
     trainer = RDropTrainer(model=model, args=_args(tmp_path), alpha=1.0)
@@ -431,6 +462,10 @@ def test_options_that_defeat_or_conflict_are_rejected(tmp_path: Path) -> None:
         RDropTrainer(model=model, args=_args(tmp_path), num_passes=1)
     with pytest.raises(ValueError, match="every_k_steps"):
         RDropTrainer(model=model, args=_args(tmp_path), every_k_steps=0)
+    with pytest.raises(ValueError, match="stop_gradient=True .* branch_at"):
+        RDropTrainer(model=model, args=_args(tmp_path), stop_gradient=True, branch_at="dropout")
+    with pytest.raises(TypeError, match="stop_gradient must be a bool"):
+        RDropTrainer(model=model, args=_args(tmp_path), stop_gradient=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="alpha"):
         RDropTrainer(model=model, args=_args(tmp_path), alpha=-1.0)
     with pytest.raises(ValueError, match="task"):

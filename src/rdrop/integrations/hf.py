@@ -211,6 +211,10 @@ class RDropTrainerMixin:
             name (e.g. ``"bert.encoder.layer.4"``, or ``"dropout"`` before a classifier
             head) from which the layers run on ``num_passes`` copies; the layers below it
             run once. **Not in the paper.**
+        stop_gradient: run passes 2..m as separate forwards under ``torch.no_grad()``,
+            as consistency targets only (the task loss and the gradient come from pass 1;
+            see :class:`rdrop.RDrop`). A step then costs about one backward less. Not with
+            ``branch_at`` or ``hidden_state_loss=True``. **Not in the paper.**
         hidden_state_loss: compute the R-Drop loss from the last hidden states and the
             output projection (``model.get_output_embeddings()``, an ``nn.Linear``) with
             :func:`rdrop.rdrop_linear_cross_entropy`, so that the vocabulary logits of
@@ -240,9 +244,18 @@ class RDropTrainerMixin:
         logits_key: LogitsGetter = None,
         hidden_state_loss: bool | None = None,
         branch_at: nn.Module | str | None = None,
+        stop_gradient: bool = False,
         **kwargs: Any,
     ) -> None:
         check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
+        if not isinstance(stop_gradient, bool):
+            raise TypeError(f"stop_gradient must be a bool, got {stop_gradient!r}")
+        if stop_gradient and (branch_at is not None or hidden_state_loss is True):
+            raise ValueError(
+                "stop_gradient=True runs passes 2..m as separate forwards, so it cannot be "
+                "combined with branch_at or hidden_state_loss=True (both need one forward on "
+                "the repeated batch)"
+            )
         if not callable(task) and task != "auto" and task not in _BUILTIN_TASKS:
             raise ValueError(
                 f"task must be 'auto', one of {_BUILTIN_TASKS} or a callable, got {task!r}"
@@ -267,6 +280,7 @@ class RDropTrainerMixin:
                 f"branch_at must be a module or its name, got {type(branch_at).__name__}"
             )
         self.rdrop_branch_at = branch_at
+        self.rdrop_stop_gradient = stop_gradient
         # (model, branch module) of the last model resolved: one lookup per model, not step
         self._rdrop_branch_resolved: tuple[nn.Module, nn.Module] | None = None
         self._rdrop_checked = False
@@ -301,7 +315,8 @@ class RDropTrainerMixin:
 
         Follows ``Trainer.compute_loss(model, inputs, return_outputs=False,
         num_items_in_batch=None)``. With ``return_outputs=True`` in training, the outputs
-        are the model's raw output on the concatenated batch (``num_passes * B`` rows).
+        are the model's raw output on the concatenated batch (``num_passes * B`` rows;
+        with ``stop_gradient=True`` pass 1's output, ``B`` rows).
         """
         batch = self._rdrop_labeled_batch(model, inputs)
         if not batch.has_labels:
@@ -332,26 +347,37 @@ class RDropTrainerMixin:
         alpha = self.rdrop_schedule.alpha_at(step)
         use_rdrop = self.rdrop_schedule.applies_at(step)
         num_passes = self.rdrop_num_passes if use_rdrop else 1
-        layer = self._rdrop_hidden_state_layer(unwrapped, batch, num_passes)
+        detached = self.rdrop_stop_gradient and num_passes > 1
+        layer = None if detached else self._rdrop_hidden_state_layer(unwrapped, batch, num_passes)
         with nullcontext() if layer is None else output_layer_bypassed(layer):
-            passes, outputs = forward_passes(
-                model,
-                (),
-                batch.features,
-                batch_size=batch.batch_size(),
-                num_passes=num_passes,
-                logits_key=self.rdrop_logits_key,
-                remedy="Fix the model, or lower per_device_train_batch_size if memory is "
-                "the problem",
-                split_hint="select the logits with logits_key=",
-                branch=self._rdrop_branch(unwrapped) if num_passes > 1 else None,
-            )
+            # (copies, with gradient) per forward: stop_gradient runs passes 2..m apart.
+            plan = [(1, True), (num_passes - 1, False)] if detached else [(num_passes, True)]
+            passes: list[Tensor] = []
+            outputs: Any = None
+            for copies, grad in plan:
+                with nullcontext() if grad else torch.no_grad():
+                    more, output = forward_passes(
+                        model,
+                        (),
+                        batch.features,
+                        batch_size=batch.batch_size(),
+                        num_passes=copies,
+                        logits_key=self.rdrop_logits_key,
+                        remedy="Fix the model, or lower per_device_train_batch_size if memory "
+                        "is the problem",
+                        split_hint="select the logits with logits_key=",
+                        branch=self._rdrop_branch(unwrapped) if copies > 1 else None,
+                    )
+                passes += more
+                outputs = output if outputs is None else outputs
         shift = self._rdrop_shifts(unwrapped)
         aligned = [self._rdrop_align(logits, batch, shift) for logits in passes]
         passes, target = [logits for logits, _ in aligned], aligned[0][1]
         task = self._rdrop_resolve_task(unwrapped, target)
         if layer is None:
-            result, n_local = self._rdrop_objective(passes, target, task, alpha)
+            result, n_local = self._rdrop_objective(
+                passes, target, task, alpha, task_passes=1 if detached else None
+            )
             result.logits = passes[0]
         else:
             result, n_local = self._rdrop_hidden_state_objective(passes, layer, target, alpha)
@@ -379,10 +405,16 @@ class RDropTrainerMixin:
         return loss, outputs
 
     def _rdrop_objective(
-        self, passes: list[Tensor], target: Tensor, task: BuiltinTask | TaskLoss, alpha: float
+        self,
+        passes: list[Tensor],
+        target: Tensor,
+        task: BuiltinTask | TaskLoss,
+        alpha: float,
+        task_passes: int | None = None,
     ) -> tuple[RDropOutput, int]:
         """The loss of the passes (R-Drop for two or more, the task loss for one) and the
-        number of items it averages."""
+        number of items it averages (``task_passes``: the task loss of the first passes
+        only, see :func:`rdrop.rdrop_loss`)."""
         ignore, smoothing = self.rdrop_ignore_index, self._rdrop_label_smoothing(task)
         n_local = int((target != ignore).sum()) if task == "cross_entropy" else target.numel()
         if n_local == 0:  # nothing to learn from in this micro-batch: keep the graph, add 0
@@ -401,6 +433,7 @@ class RDropTrainerMixin:
             consistency=self.rdrop_consistency,
             ignore_index=ignore,
             label_smoothing=smoothing,
+            task_passes=task_passes,
         )
         return result, n_local
 

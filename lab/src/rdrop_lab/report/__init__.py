@@ -61,10 +61,24 @@ __all__ = [
 ]
 
 
-def converged_verdict_table(records: list[dict]) -> str:
-    """The verdict table of the runs trained to convergence among ``records`` (Markdown):
-    per task, converged Δ with its 95% t-interval, the crossing time and the step cost."""
-    return verdict_table(group_tasks(records))
+def converged_verdict_table(records: list[dict], *more: list[dict]) -> str:
+    """The verdict table of the runs trained to convergence (Markdown): per task,
+    converged Δ with its 95% t-interval, the crossing time and the step cost.
+
+    Args:
+        records: run records, e.g. one results folder's (:func:`load_records`).
+        *more: further record sets (other folders); each gives its own rows, so runs of
+            one task from different suites are never paired with each other.
+
+    Returns:
+        The Markdown table.
+    """
+    tasks = [
+        task
+        for records_of_one_suite in (records, *more)
+        for task in group_tasks(records_of_one_suite)
+    ]
+    return verdict_table(tasks)
 
 
 def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
