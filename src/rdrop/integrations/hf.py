@@ -211,7 +211,7 @@ class RDropTrainerMixin:
             name (e.g. ``"bert.encoder.layer.4"``, or ``"dropout"`` before a classifier
             head) from which the layers run on ``num_passes`` copies; the layers below it
             run once. **Not in the paper.**
-        stop_gradient: run passes 2..m as separate forwards under ``torch.no_grad()``,
+        stop_gradient: run passes 2..m in a forward of their own under ``torch.no_grad()``,
             as consistency targets only (the task loss and the gradient come from pass 1;
             see :class:`rdrop.RDrop`). A step then costs about one backward less. Not with
             ``branch_at`` or ``hidden_state_loss=True``. **Not in the paper.**
