@@ -223,6 +223,19 @@ def test_a_nan_validation_score_is_never_the_best(
     assert [e["step"] for e in record["evals"]] == [2, 4, 6, 8, 10]  # 3 after the best
 
 
+@pytest.mark.parametrize("converging", [True, False])
+def test_a_run_without_any_finite_validation_score_selects_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, converging: bool
+) -> None:
+    _register(monkeypatch, ScriptedTask([math.nan]))
+    budget = {"max_epochs": 2.0, "patience": 2} if converging else {}
+    config = RunConfig("scripted", equal_time=False, **budget, **TOY)
+    record = train_run(config, ResultStore(tmp_path), data_dir=tmp_path)
+    assert all(selection is None for selection in record["selections"].values())
+    if converging:  # patience never starts counting: it runs to max_epochs, not converged
+        assert record["stop_reason"] == "max_epochs" and record["converged"] is False
+
+
 def test_non_finite_floats_survive_a_resume_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "state.safetensors"
     save_resume_state(

@@ -171,6 +171,25 @@ def test_equal_time_budget_is_rdrops_time_for_the_equal_epochs_point() -> None:
     assert at is not None and at.mean == pytest.approx(((0.71 - 0.66) + (0.69 - 0.70)) / 2)
 
 
+def test_equal_time_budget_leaves_out_runs_that_stopped_before_it() -> None:
+    # Seed 0 stopped at step 80 of 100 planned: it never trained the equal-epochs budget.
+    rdrop = [{**RDROP[0], "planned_steps": 100}, {**RDROP[1], "planned_steps": 40}]
+    budgets = dict(time_budgets(rdrop, BASE, "accuracy"))
+    assert budgets["equal time: R-Drop's time for 4.0 epochs"] == 40.0  # seed 1 only
+    stopped = [{**r, "planned_steps": 100} for r in RDROP]
+    assert not any(
+        name.startswith("equal time") for name, _ in time_budgets(stopped, BASE, "accuracy")
+    )
+
+
+def test_time_to_quality_says_when_no_seed_is_shared(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    other = {**RDROP[0], "run_id": "toy__rdrop__s7", "config": {**RDROP[0]["config"], "seed": 7}}
+    for r in [*BASE, other]:
+        store.write(r)
+    assert "vs baseline: no seed in common." in write_report(tmp_path).read_text()
+
+
 def test_time_to_quality_uses_the_seeds_both_methods_have(tmp_path: Path) -> None:
     # A third R-Drop seed without a baseline must not move R-Drop's budgets or curve.
     extra = {**record("rdrop", 1), "run_id": "toy__rdrop__s2"}
@@ -208,7 +227,7 @@ def test_runs_stopped_before_the_equal_epochs_point_are_flagged(tmp_path: Path) 
         store.write(r)
     text = write_report(tmp_path).read_text()
     assert "Stopped early before the equal-epochs point" in text
-    assert "baseline seed 0 (epoch 4.00)" in text
+    assert "baseline seed 0 (step 40 of 50)" in text
 
 
 def test_report_names_the_training_clock(tmp_path: Path) -> None:
@@ -225,6 +244,9 @@ def test_verdict_table_keeps_each_record_set_apart() -> None:
     from rdrop_lab.report import converged_verdict_table
 
     # The same task in two suites (two results folders): two rows, never one merged row.
-    table = converged_verdict_table(BASE + RDROP, BASE + RDROP)
+    table = converged_verdict_table(BASE + RDROP, BASE + RDROP, sources=["a", "b"])
     rows = [line for line in table.splitlines() if line.startswith("| sst2")]
     assert len(rows) == 2 and all("| 4 (3) |" in row for row in rows)
+    assert rows[0].startswith("| sst2 (accuracy) — a |") and "— b |" in rows[1]
+    with pytest.raises(ValueError, match="sources names 1 record sets, got 2"):
+        converged_verdict_table(BASE + RDROP, BASE + RDROP, sources=["a"])

@@ -314,9 +314,9 @@ def cmd_verdict(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if not (Path(folder) / "runs").is_dir():
             raise ConfigError(f"{folder} holds no runs/ folder")
         record_sets.append(load_records(folder))
-    print(
-        converged_verdict_table(*record_sets)
-    )  # one folder's runs are never paired with another's
+    # One folder's runs are never paired with another's; each row names its folder.
+    names = [Path(folder).name for folder in args.results_dirs]
+    print(converged_verdict_table(*record_sets, sources=names if len(names) > 1 else None))
     return 0
 
 

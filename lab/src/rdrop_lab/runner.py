@@ -197,11 +197,7 @@ def check_run(config: RunConfig) -> None:
 
 def _strictly_better(value: float, best: float, higher: bool) -> bool:
     """Whether a validation score beats the best so far (a tie keeps the earlier one; a
-    NaN score never beats, and is beaten by any number)."""
-    if math.isnan(value):
-        return False
-    if math.isnan(best):
-        return True
+    NaN never beats)."""
     return value > best if higher else value < best
 
 
@@ -755,9 +751,13 @@ def _update_best(training: _Training, budget: _Budget, state: _LoopState, index:
     entry = state.evals[index]
     primary, higher = training.task.primary_metric, training.task.higher_is_better
 
+    value = entry["validation"][primary]
+
     def improves(current: int | None) -> bool:
+        if math.isnan(value):  # a NaN score is never a best, not even the first
+            return False
         return current is None or _strictly_better(
-            entry["validation"][primary], state.evals[current]["validation"][primary], higher
+            value, state.evals[current]["validation"][primary], higher
         )
 
     if improves(state.best_all):
@@ -830,7 +830,8 @@ def _select_checkpoints(
         ``{"equal_epochs", "equal_time"(, "converged")}`` -> selection entry or ``None``.
     """
     converges = training.config.converges
-    if state.diverged_at is not None:
+    if state.diverged_at is not None or state.best_all is None:
+        # Diverged, or no finite validation score at all: nothing to select.
         names = ("equal_epochs", "equal_time", "converged") if converges else (
             "equal_epochs", "equal_time"
         )  # fmt: skip
@@ -846,6 +847,7 @@ def _select_checkpoints(
             if name == "equal_epochs":
                 _save_selected_model(training)
         selections[name] = _selection_entry(state.evals, index, test_scores[index])
+    selections.setdefault("equal_epochs", None)
     selections.setdefault("equal_time", None)
     return selections
 
@@ -879,10 +881,10 @@ def _converged_selections(state: _LoopState) -> dict[str, Any]:
     and of the scheduled evaluations within ``epochs`` (``equal_epochs``); both were scored
     on test when they became the best so far. Equal time is answered by the report from
     the validation curves."""
-    if state.best_all is None or state.best_epochs is None:
-        raise RuntimeError("no evaluation was made")
     return {
-        name: _selection_entry(state.evals, index, state.evals[index]["test"])
+        name: None
+        if index is None
+        else _selection_entry(state.evals, index, state.evals[index]["test"])
         for name, index in (("converged", state.best_all), ("equal_epochs", state.best_epochs))
     } | {"equal_time": None}
 
@@ -900,15 +902,13 @@ def _budget_choices(
     Returns:
         selection name -> evaluation index.
     """
-    if state.best_epochs is None or state.best_time is None:
-        raise RuntimeError(
-            f"{training.config.run_id()}: no evaluation was made (planned {budget.planned} steps)"
-        )
+    if state.best_epochs is None:  # no finite score among the scheduled evaluations
+        return {}
     chosen = {"equal_epochs": state.best_epochs}
     if costs_like_rdrop:
         # Same compute per step as R-Drop: equal epochs is equal time.
         chosen["equal_time"] = state.best_epochs
-    elif budget.seconds is not None:
+    elif budget.seconds is not None and state.best_time is not None:
         chosen["equal_time"] = state.best_time
     return chosen
 

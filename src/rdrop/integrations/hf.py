@@ -214,7 +214,9 @@ class RDropTrainerMixin:
         stop_gradient: run passes 2..m in a forward of their own under ``torch.no_grad()``,
             as consistency targets only (the task loss and the gradient come from pass 1;
             see :class:`rdrop.RDrop`). A step then costs about one backward less. Not with
-            ``branch_at`` or ``hidden_state_loss=True``. **Not in the paper.**
+            ``branch_at`` or ``hidden_state_loss=True``, and the automatic hidden-state
+            loss (``hidden_state_loss=None``) is off: every pass holds its full logits.
+            **Not in the paper.**
         hidden_state_loss: compute the R-Drop loss from the last hidden states and the
             output projection (``model.get_output_embeddings()``, an ``nn.Linear``) with
             :func:`rdrop.rdrop_linear_cross_entropy`, so that the vocabulary logits of

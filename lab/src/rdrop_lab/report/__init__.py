@@ -17,7 +17,8 @@ verdict), ``_markdown`` (the text) and ``_plots`` (the PNGs).
 
 Example:
     >>> import tempfile
-    >>> from pathlib import Path
+    >>> from collections.abc import Sequence
+from pathlib import Path
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     (Path(tmp) / "runs").mkdir()
     ...     load_records(tmp)
@@ -26,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from rdrop_lab.report._convergence import verdict_table
@@ -61,7 +63,9 @@ __all__ = [
 ]
 
 
-def converged_verdict_table(records: list[dict], *more: list[dict]) -> str:
+def converged_verdict_table(
+    records: list[dict], *more: list[dict], sources: Sequence[str] | None = None
+) -> str:
     """The verdict table of the runs trained to convergence (Markdown): per task,
     converged Δ with its 95% t-interval, the crossing time and the step cost.
 
@@ -69,15 +73,20 @@ def converged_verdict_table(records: list[dict], *more: list[dict]) -> str:
         records: run records, e.g. one results folder's (:func:`load_records`).
         *more: further record sets (other folders); each gives its own rows, so runs of
             one task from different suites are never paired with each other.
+        sources: a name per record set (e.g. its folder), added to its rows' task cell.
 
     Returns:
         The Markdown table.
     """
-    tasks = [
-        task
-        for records_of_one_suite in (records, *more)
-        for task in group_tasks(records_of_one_suite)
-    ]
+    sets = (records, *more)
+    if sources is not None and len(sources) != len(sets):
+        raise ValueError(f"sources names {len(sources)} record sets, got {len(sets)}")
+    tasks = []
+    for index, record_set in enumerate(sets):
+        for task in group_tasks(record_set):
+            if sources is not None:
+                task.source = sources[index]
+            tasks.append(task)
     return verdict_table(tasks)
 
 

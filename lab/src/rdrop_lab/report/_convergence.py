@@ -49,8 +49,16 @@ def converging(task: TaskRuns) -> bool:
     return any(r.get("config", {}).get("patience") is not None for r in task.records)
 
 
-def _usable(group: MethodRuns) -> list[Record]:
-    return [r for r in group.records if not r.get("diverged") and r.get("evals")]
+def _usable(group: MethodRuns, task: TaskRuns) -> list[Record]:
+    """The runs with a model to select: not diverged, with a finite validation score."""
+    metric, higher = task.primary, task.higher_is_better
+    return [
+        r
+        for r in group.records
+        if not r.get("diverged")
+        and r.get("evals")
+        and selected_eval(r, math.inf, metric, higher) is not None
+    ]
 
 
 def converged_marks(task: TaskRuns) -> tuple[int, int, list[str]]:
@@ -133,6 +141,7 @@ def time_budgets(
         ("baseline's time to its best", control_best),
         ("R-Drop's time to its best", treatment_best),
     ]
+    # Only runs that trained their whole equal-epochs budget measure R-Drop's time for it.
     equal_time = [t for r in treatment if (t := _seconds_at_planned(r)) is not None]
     if equal_time:
         epochs = sorted({str(r.get("config", {}).get("epochs", "?")) for r in treatment})
@@ -148,9 +157,9 @@ def time_budgets(
 
 def _seconds_at_planned(record: Record) -> float | None:
     """Training seconds at the run's last evaluation within its planned (equal-epochs)
-    steps."""
+    steps; ``None`` for a run that stopped before them."""
     planned = record.get("planned_steps")
-    if planned is None:
+    if planned is None or record.get("steps", 0) < planned:  # stopped before it
         return None
     times = [e["train_seconds"] for e in record["evals"] if e["step"] <= planned]
     return times[-1] if times else None
@@ -204,7 +213,7 @@ def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
         + (f" **Not converged:** {', '.join(missing)}." if missing else ""),
     ]
     early = [
-        f"{g.label} seed {pair_of(r)[0]} (epoch {r['epochs_run']:.2f})"
+        f"{g.label} seed {pair_of(r)[0]} (step {r['steps']} of {r['planned_steps']})"
         for g in task.groups
         for r in stopped_before_equal_epochs(g.records)
     ]
@@ -214,13 +223,14 @@ def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
             f"their converged model, chosen from fewer epochs: {', '.join(early)}."
         )
     base = task.baseline
-    if base is None or not _usable(base):
+    if base is None or not _usable(base, task):
         return lines
     for group in task.groups:
-        if not group.method.startswith("rdrop") or not _usable(group):
+        if not group.method.startswith("rdrop") or not _usable(group, task):
             continue
-        treatment, control = common_pairs(_usable(group), _usable(base))
+        treatment, control = common_pairs(_usable(group, task), _usable(base, task))
         if not treatment:
+            lines += ["", f"Time to quality, {group.label} vs baseline: no seed in common."]
             continue
         header = [
             "budget",
@@ -283,15 +293,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def plot_best_so_far(task: TaskRuns, colors: dict[str, str], path: Path) -> bool:
     """Best-so-far validation against training seconds: the mean over seeds of each
-    method, with the range of its seeds as a band."""
+    method, with the range of its seeds as a band, over the seeds every plotted method
+    has (each method's own seeds when they share none)."""
     from rdrop_lab.report._plots import _new_figure, _save
 
     metric, higher = task.primary, task.higher_is_better
     figure = _new_figure()
     axes = figure.add_subplot()
     drawn = False
+    usable = {group.label: _usable(group, task) for group in task.groups}
+    pair_sets = [{pair_of(r) for r in runs} for runs in usable.values() if runs]
+    shared = set.intersection(*pair_sets) if pair_sets else set()
     for group in task.groups:
-        runs = _usable(group)
+        runs = [r for r in usable[group.label] if not shared or pair_of(r) in shared]
         if not runs:
             continue
         times = curve_times(runs)
@@ -344,7 +358,7 @@ def verdict_table(tasks: Sequence[TaskRuns], digits: int = 4) -> str:
         if chosen is None or base is None:
             continue
         group, reason = chosen
-        treatment, control = common_pairs(_usable(group), _usable(base))
+        treatment, control = common_pairs(_usable(group, task), _usable(base, task))
         if not treatment:
             continue
         metric, higher = task.primary, task.higher_is_better
@@ -360,7 +374,7 @@ def verdict_table(tasks: Sequence[TaskRuns], digits: int = 4) -> str:
         cost = group.seconds_per_step() / base.seconds_per_step()
         rows.append(
             [
-                f"{task.title} ({metric})",
+                f"{task.title} ({metric})" + (f" — {task.source}" if task.source else ""),
                 f"{total} ({done})",
                 f"{group.label} ({reason})",
                 f"{delta} {interval}",

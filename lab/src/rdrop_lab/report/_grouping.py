@@ -110,6 +110,8 @@ class TaskRuns:
     groups: list[MethodRuns]
     notes: list[str] = field(default_factory=list)
     shots: int | None = None
+    #: Where the runs come from (a results folder), for tables that list several.
+    source: str | None = None
 
     @property
     def title(self) -> str:

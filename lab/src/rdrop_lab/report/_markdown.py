@@ -432,11 +432,15 @@ def _budget_protocol(tasks: Sequence[TaskRuns]) -> list[str]:
     """Protocol bullets for the training clock and the budgets: the convergence protocol
     for tasks trained to an early stop, equal epochs and equal time for the others."""
     records = [r for t in tasks for r in t.records]
-    lines = [
-        f"- **Training time** (`train_seconds`, every time budget): {clock_description(records)}. "
-        "At one torch thread the process CPU clock does not depend on what else runs on the "
-        "machine; wall-clock seconds are recorded next to it (`train_wall_seconds`)."
-    ]
+    line = (
+        f"- **Training time** (`train_seconds`, every time budget): {clock_description(records)}."
+    )
+    if any(r.get("clock") == "process_cpu" for r in records):
+        line += (
+            " At one torch thread the process CPU clock does not depend on what else runs on "
+            "the machine; wall-clock seconds are recorded next to it (`train_wall_seconds`)."
+        )
+    lines = [line]
     if any(converging(t) for t in tasks):
         lines.append(
             "- **Trained to convergence** (tasks whose runs set `patience`): each run trains "
