@@ -67,3 +67,20 @@ def test_bad_label_and_empty_file(tmp_path: Path) -> None:
         TASKS["rte"].load(tmp_path, 10, 10, 1)
     with pytest.raises(DataError, match="not found"):
         TASKS["sst2"].load(tmp_path, 10, 10, 0)
+
+
+def test_evaluation_batches_by_token_length_and_scores_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rdrop_lab.tasks.base import Task
+
+    task = TASKS["mrpc"]
+    examples = task.load(DATA, 10, 40, 0).validation
+    order = task.evaluation_order(examples)
+    assert sorted(order) == list(range(len(examples))) and order != sorted(order)
+    model, collate = task.build(dropout=None, max_length=128)
+    lengths = [collate([examples[i]])[0]["input_ids"].shape[1] for i in order]
+    assert lengths == sorted(lengths)  # shortest first, in the model's tokens
+    by_length = task.evaluate(model, examples, collate, 8)
+    monkeypatch.setattr(type(task), "evaluation_order", Task.evaluation_order)
+    assert task.evaluate(model, examples, collate, 8) == pytest.approx(by_length, abs=1e-6)

