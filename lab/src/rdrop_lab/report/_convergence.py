@@ -218,6 +218,7 @@ def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
         for r in stopped_before_equal_epochs(g.records)
     ]
     if early:
+        lines += [""]
         lines.append(
             "Stopped early before the equal-epochs point, so their equal-epochs model is "
             f"their converged model, chosen from fewer epochs: {', '.join(early)}."
