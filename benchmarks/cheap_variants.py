@@ -5,7 +5,10 @@ backward, gradient clipping, AdamW) of the Fashion-MNIST ViT of the converged su
 (batch 128, the model of ``configs/converged/images.toml``) for the baseline, full R-Drop,
 partial-depth R-Drop (``branch_at``), every-2-steps R-Drop and stop-gradient R-Drop;
 interleaved repetitions, median of the per-repetition ratios to the plain step. Writes
-``results/cheap_variants.md`` and ``.json``.
+``results/cheap_variants.md`` and ``.json``. ``--task mrpc`` does the same for the
+pretrained MiniLM on 16 real MRPC training pairs (the converged GLUE suites' model and
+batch), branching at encoder layers 3 and 5 and at the classifier's dropout, and writes
+``results/cheap_variants_mrpc.md``.
 """
 
 from __future__ import annotations
@@ -23,39 +26,75 @@ import torch
 
 import rdrop
 from benchmarks.timing import side_by_side
-from rdrop_lab.tasks import get_task
+from rdrop_lab.tasks import default_data_dir, get_task
 from rdrop_lab.tasks.images import VisionTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
-ALPHA = 3.0
-BATCH = 128
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "baseline (plain step)": None,
-    "full R-Drop": {},
-    "branch_at='blocks.2'": {"branch_at": "blocks.2"},
-    "branch_at='blocks.3'": {"branch_at": "blocks.3"},
-    "every_k_steps=2": {"every_k_steps": 2},
-    "stop_gradient=True": {"stop_gradient": True},
+
+#: Per task: the title of the results file, the alpha, the variants (``None``: the plain
+#: step, else RDrop options) and the file name.
+TASKS: dict[str, dict[str, Any]] = {
+    "fmnist_vit": {
+        "title": "Fashion-MNIST ViT, batch 128",
+        "alpha": 3.0,
+        "file": "cheap_variants",
+        "variants": {
+            "baseline (plain step)": None,
+            "full R-Drop": {},
+            "branch_at='blocks.2'": {"branch_at": "blocks.2"},
+            "branch_at='blocks.3'": {"branch_at": "blocks.3"},
+            "every_k_steps=2": {"every_k_steps": 2},
+            "stop_gradient=True": {"stop_gradient": True},
+        },
+    },
+    "mrpc": {
+        "title": "pretrained MiniLM on MRPC, batch 16",
+        "alpha": 1.0,
+        "file": "cheap_variants_mrpc",
+        "variants": {
+            "baseline (plain step)": None,
+            "full R-Drop": {},
+            "branch_at='bert.encoder.layer.3'": {"branch_at": "bert.encoder.layer.3"},
+            "branch_at='bert.encoder.layer.5'": {"branch_at": "bert.encoder.layer.5"},
+            "branch_at='dropout' (head only)": {"branch_at": "dropout"},
+            "every_k_steps=2": {"every_k_steps": 2},
+            "stop_gradient=True": {"stop_gradient": True},
+        },
+    },
 }
 
 
-def _step(options: dict[str, Any] | None) -> Callable[[], None]:
-    """Two training steps (so that every-2-steps R-Drop is timed over its whole cycle)."""
+def _model_and_batch(task: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor]:
+    """The task's model in training mode, and one fixed training batch (inputs, labels)."""
     torch.manual_seed(0)
-    model = VisionTransformer(**get_task("fmnist_vit").model_kwargs).train()
-    wrapped = None if options is None else rdrop.RDrop(model, ALPHA, **options)
+    if task == "fmnist_vit":
+        model = VisionTransformer(**get_task("fmnist_vit").model_kwargs)
+        g = torch.Generator().manual_seed(1)
+        images = torch.randn(128, 1, 28, 28, generator=g)
+        return model.train(), {"x": images}, torch.randint(0, 10, (128,), generator=g)
+    glue = get_task(task)
+    data = glue.load(default_data_dir(), 16, 16, 0)
+    model, collate = glue.build(dropout=None, max_length=128, data=data)
+    inputs, labels = collate(data.train[:16])
+    return model.train(), inputs, labels
+
+
+def _step(task: str, options: dict[str, Any] | None) -> Callable[[], None]:
+    """Two training steps (so that every-2-steps R-Drop is timed over its whole cycle)."""
+    model, inputs, labels = _model_and_batch(task)
+    wrapped = None if options is None else rdrop.RDrop(model, TASKS[task]["alpha"], **options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(BATCH, 1, 28, 28, generator=g)
-    labels = torch.randint(0, 10, (BATCH,), generator=g)
+    positional = list(inputs.values()) if task == "fmnist_vit" else []
+    keywords = {} if task == "fmnist_vit" else inputs
 
     def step() -> None:
         for _ in range(2):
             optimizer.zero_grad(set_to_none=True)
             if wrapped is None:
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                output = rdrop.extract_logits(model(*positional, **keywords))
+                loss = torch.nn.functional.cross_entropy(output, labels)
             else:
-                loss = wrapped(images, target=labels).loss
+                loss = wrapped(*positional, target=labels, **keywords).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -65,13 +104,15 @@ def _step(options: dict[str, Any] | None) -> Callable[[], None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="fmnist_vit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    variants = {name: _step(options) for name, options in VARIANTS.items()}
+    spec = TASKS[args.task]
+    variants = {name: _step(args.task, options) for name, options in spec["variants"].items()}
     timings = side_by_side(variants, "baseline (plain step)", args.reps, min_seconds=0.2)
     rows = [
         {
@@ -83,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, t in timings.items()
     ]
     meta = {
-        "command": f"python -m benchmarks.cheap_variants --threads {args.threads} --reps "
-        f"{args.reps}",
+        "command": f"python -m benchmarks.cheap_variants --task {args.task} --threads "
+        f"{args.threads} --reps {args.reps}",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "machine": platform.machine(),
@@ -93,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cheap_variants.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    name = spec["file"]
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        "# Step cost of the cheaper R-Drop variants (Fashion-MNIST ViT, batch 128)",
+        f"# Step cost of the cheaper R-Drop variants ({spec['title']})",
         "",
         f"Command: `{meta['command']}` ({meta['seconds']} s). {meta['date']}, torch "
         f"{meta['torch']}, {meta['machine']}, {args.threads} thread(s). One training step "
@@ -111,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {row['variant']} | {1000 * row['seconds_per_step']:.1f} ms | "
             f"{row['ratio']:.2f}× ({low:.2f}-{high:.2f}) |"
         )
-    (out / "cheap_variants.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
