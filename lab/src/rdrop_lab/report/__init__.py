@@ -17,8 +17,7 @@ verdict), ``_markdown`` (the text) and ``_plots`` (the PNGs).
 
 Example:
     >>> import tempfile
-    >>> from collections.abc import Sequence
-from pathlib import Path
+    >>> from pathlib import Path
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     (Path(tmp) / "runs").mkdir()
     ...     load_records(tmp)
