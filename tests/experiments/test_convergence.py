@@ -234,6 +234,11 @@ def test_a_run_without_any_finite_validation_score_selects_nothing(
     assert all(selection is None for selection in record["selections"].values())
     if converging:  # patience never starts counting: it runs to max_epochs, not converged
         assert record["stop_reason"] == "max_epochs" and record["converged"] is False
+    from rdrop_lab.report import write_report
+
+    text = write_report(tmp_path).read_text()  # the report takes such a run as it is
+    if converging:
+        assert "**Not converged:** baseline seed 0 (hit max_epochs)" in text
 
 
 def test_non_finite_floats_survive_a_resume_checkpoint(tmp_path: Path) -> None:

@@ -79,9 +79,12 @@ def _missing_keys(record: Any) -> list[str]:
         missing.append("task")
     else:
         missing += [f"task.{k}" for k in ("name", "primary_metric") if k not in task]
+    # A diverged run, or one without any finite validation score, selects nothing (None).
     diverged = record.get("diverged") is True
     if not isinstance(selections, dict) or not (
-        diverged or isinstance(selections.get("equal_epochs"), dict)
+        diverged
+        or isinstance(selections.get("equal_epochs"), dict)
+        or ("equal_epochs" in selections and selections["equal_epochs"] is None)
     ):
         missing.append("selections.equal_epochs")
     return missing
