@@ -31,70 +31,76 @@ from rdrop_lab.tasks.images import VisionTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Per task: the title of the results file, the alpha, the variants (``None``: the plain
-#: step, else RDrop options) and the file name.
+
+def _variants(branch_points: dict[str, str]) -> dict[str, dict[str, Any] | None]:
+    """The plain step (``None``), full R-Drop, R-Drop branched at each of ``branch_points``
+    (label -> module name), every 2 steps and with stop-gradient: name -> RDrop options."""
+    return {
+        "baseline (plain step)": None,
+        "full R-Drop": {},
+        **{label: {"branch_at": module} for label, module in branch_points.items()},
+        "every_k_steps=2": {"every_k_steps": 2},
+        "stop_gradient=True": {"stop_gradient": True},
+    }
+
+
+#: Per task: the title of the results file, the alpha, the variants and the file name.
 TASKS: dict[str, dict[str, Any]] = {
     "fmnist_vit": {
         "title": "Fashion-MNIST ViT, batch 128",
         "alpha": 3.0,
         "file": "cheap_variants",
-        "variants": {
-            "baseline (plain step)": None,
-            "full R-Drop": {},
-            "branch_at='blocks.2'": {"branch_at": "blocks.2"},
-            "branch_at='blocks.3'": {"branch_at": "blocks.3"},
-            "every_k_steps=2": {"every_k_steps": 2},
-            "stop_gradient=True": {"stop_gradient": True},
-        },
+        "variants": _variants(
+            {"branch_at='blocks.2'": "blocks.2", "branch_at='blocks.3'": "blocks.3"}
+        ),
     },
     "mrpc": {
         "title": "pretrained MiniLM on MRPC, batch 16",
         "alpha": 1.0,
         "file": "cheap_variants_mrpc",
-        "variants": {
-            "baseline (plain step)": None,
-            "full R-Drop": {},
-            "branch_at='bert.encoder.layer.3'": {"branch_at": "bert.encoder.layer.3"},
-            "branch_at='bert.encoder.layer.5'": {"branch_at": "bert.encoder.layer.5"},
-            "branch_at='dropout' (head only)": {"branch_at": "dropout"},
-            "every_k_steps=2": {"every_k_steps": 2},
-            "stop_gradient=True": {"stop_gradient": True},
-        },
+        "variants": _variants(
+            {
+                "branch_at='bert.encoder.layer.3'": "bert.encoder.layer.3",
+                "branch_at='bert.encoder.layer.5'": "bert.encoder.layer.5",
+                "branch_at='dropout' (head only)": "dropout",
+            }
+        ),
     },
 }
 
+Inputs = tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]
 
-def _model_and_batch(task: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor]:
-    """The task's model in training mode, and one fixed training batch (inputs, labels)."""
+
+def _model_and_batch(task: str) -> tuple[torch.nn.Module, Inputs, torch.Tensor]:
+    """The task's model in training mode, one fixed training batch as the model's
+    (positional, keyword) inputs, and its labels."""
     torch.manual_seed(0)
     if task == "fmnist_vit":
         model = VisionTransformer(**get_task("fmnist_vit").model_kwargs)
         g = torch.Generator().manual_seed(1)
         images = torch.randn(128, 1, 28, 28, generator=g)
-        return model.train(), {"x": images}, torch.randint(0, 10, (128,), generator=g)
+        return model.train(), ((images,), {}), torch.randint(0, 10, (128,), generator=g)
     glue = get_task(task)
     data = glue.load(default_data_dir(), 16, 16, 0)
     model, collate = glue.build(dropout=None, max_length=128, data=data)
-    inputs, labels = collate(data.train[:16])
-    return model.train(), inputs, labels
+    features, labels = collate(data.train[:16])
+    return model.train(), ((), features), labels
 
 
 def _step(task: str, options: dict[str, Any] | None) -> Callable[[], None]:
     """Two training steps (so that every-2-steps R-Drop is timed over its whole cycle)."""
-    model, inputs, labels = _model_and_batch(task)
+    model, (args, kwargs), labels = _model_and_batch(task)
     wrapped = None if options is None else rdrop.RDrop(model, TASKS[task]["alpha"], **options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    positional = list(inputs.values()) if task == "fmnist_vit" else []
-    keywords = {} if task == "fmnist_vit" else inputs
 
     def step() -> None:
         for _ in range(2):
             optimizer.zero_grad(set_to_none=True)
             if wrapped is None:
-                output = rdrop.extract_logits(model(*positional, **keywords))
+                output = rdrop.extract_logits(model(*args, **kwargs))
                 loss = torch.nn.functional.cross_entropy(output, labels)
             else:
-                loss = wrapped(*positional, target=labels, **keywords).loss
+                loss = wrapped(*args, target=labels, **kwargs).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

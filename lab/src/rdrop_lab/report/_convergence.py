@@ -218,18 +218,20 @@ def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
         for r in stopped_before_equal_epochs(g.records)
     ]
     if early:
-        lines += [""]
-        lines.append(
+        lines += [
+            "",
             "Stopped early before the equal-epochs point, so their equal-epochs model is "
-            f"their converged model, chosen from fewer epochs: {', '.join(early)}."
-        )
+            f"their converged model, chosen from fewer epochs: {', '.join(early)}.",
+        ]
     base = task.baseline
-    if base is None or not _usable(base, task):
+    base_runs = [] if base is None else _usable(base, task)
+    if not base_runs:
         return lines
     for group in task.groups:
-        if not group.method.startswith("rdrop") or not _usable(group, task):
+        runs = _usable(group, task) if group.method.startswith("rdrop") else []
+        if not runs:
             continue
-        treatment, control = common_pairs(_usable(group, task), _usable(base, task))
+        treatment, control = common_pairs(runs, base_runs)
         if not treatment:
             lines += ["", f"Time to quality, {group.label} vs baseline: no seed in common."]
             continue
