@@ -250,3 +250,17 @@ def test_verdict_table_keeps_each_record_set_apart() -> None:
     assert rows[0].startswith("| sst2 (accuracy) — a |") and "— b |" in rows[1]
     with pytest.raises(ValueError, match="sources names 1 record sets, got 2"):
         converged_verdict_table(BASE + RDROP, BASE + RDROP, sources=["a"])
+
+
+def test_verdict_table_says_why_a_converging_task_has_no_verdict() -> None:
+    from rdrop_lab.report import converged_verdict_table
+
+    other = {**RDROP[0], "run_id": "toy__rdrop__s7", "config": {**RDROP[0]["config"], "seed": 7}}
+    for records, reason in [
+        ([*BASE, other], "no seed with both a baseline and an R-Drop run"),
+        (BASE, "no R-Drop runs"),
+        (RDROP, "no baseline runs"),
+    ]:
+        table = converged_verdict_table(records)
+        (row,) = [line for line in table.splitlines() if line.startswith("| sst2")]
+        assert f"— ({reason})" in row

@@ -356,13 +356,16 @@ def verdict_table(tasks: Sequence[TaskRuns], digits: int = 4) -> str:
     for task in tasks:
         if not converging(task):
             continue
-        chosen, base = task.chosen_rdrop(), task.baseline
         done, total, _ = converged_marks(task)
-        if chosen is None or base is None:
-            continue
-        group, reason = chosen
-        treatment, control = common_pairs(_usable(group, task), _usable(base, task))
-        if not treatment:
+        title = f"{task.title} ({task.primary})" + (f" — {task.source}" if task.source else "")
+        chosen, base = task.chosen_rdrop(), task.baseline
+        missing = "no baseline runs" if base is None else "no R-Drop runs"
+        if chosen is not None and base is not None:
+            group, reason = chosen
+            treatment, control = common_pairs(_usable(group, task), _usable(base, task))
+            missing = "no seed with both a baseline and an R-Drop run" if not treatment else ""
+        if missing:
+            rows.append([title, f"{total} ({done})", "—", f"— ({missing})", "", "", ""])
             continue
         metric, higher = task.primary, task.higher_is_better
         diff = paired_at_budget(treatment, control, math.inf, metric, higher)
@@ -377,7 +380,7 @@ def verdict_table(tasks: Sequence[TaskRuns], digits: int = 4) -> str:
         cost = group.seconds_per_step() / base.seconds_per_step()
         rows.append(
             [
-                f"{task.title} ({metric})" + (f" — {task.source}" if task.source else ""),
+                title,
                 f"{total} ({done})",
                 f"{group.label} ({reason})",
                 f"{delta} {interval}",

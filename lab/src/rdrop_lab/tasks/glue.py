@@ -164,9 +164,7 @@ class GlueTask(Task):
         tokens as in the files' order on GLUE's validation and test splits."""
         if not examples:
             return []
-        columns = [list(column) for column in zip(*(e.texts for e in examples), strict=True)]
-        encoded = _tokenizer(_minilm_path())(*columns, truncation=True, max_length=512)
-        lengths = [len(ids) for ids in encoded["input_ids"]]
+        lengths = _token_lengths(tuple(example.texts for example in examples))
         return sorted(range(len(examples)), key=lengths.__getitem__)
 
     # -- regularizer hooks (MiniLM: a BertForSequenceClassification) ---------------------
@@ -178,6 +176,15 @@ class GlueTask(Task):
     def embedding_module(self, model: nn.Module) -> nn.Module | None:
         """The word-embedding table (FGM perturbs its weight)."""
         return model.bert.embeddings.word_embeddings  # type: ignore[union-attr, return-value]
+
+
+@functools.lru_cache(maxsize=8)
+def _token_lengths(texts: tuple[tuple[str, ...], ...]) -> tuple[int, ...]:
+    """MiniLM token count of each example; cached, as a run scores the same splits at every
+    evaluation."""
+    columns = [list(column) for column in zip(*texts, strict=True)]
+    encoded = _tokenizer(_minilm_path())(*columns, truncation=True, max_length=512)
+    return tuple(len(ids) for ids in encoded["input_ids"])
 
 
 @functools.lru_cache(maxsize=16)
