@@ -114,6 +114,13 @@ def test_expands_runs_with_paper_alpha_and_overrides() -> None:
             },
             r"dropout must be in \[0, 1\)",
         ),
+        (
+            {
+                "suite": {"tasks": ["sst2"], "methods": ["rdrop"], "seeds": [0]},
+                "train": {"precision": "fp16"},
+            },
+            "precision must be one of fp32, bf16, got 'fp16'",
+        ),
     ],
 )
 def test_bad_suites_name_the_key(data: dict, pattern: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -274,3 +275,24 @@ def test_sigkilled_run_resumes_to_the_record_of_an_uninterrupted_run(tmp_path: P
     assert record["resumes"] and record["resumes"][0]["step"] >= 1
     assert comparable(record) == comparable(whole)
     assert not list((tmp_path / "resume").rglob("*.safetensors"))  # deleted with the record
+
+
+def test_bf16_runs_train_under_autocast_and_never_share_fp32_budgets(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    fp32 = tiny("mrpc", "rdrop")
+    assert tiny("mrpc", "rdrop", precision="fp32").run_id() == fp32.run_id()  # id unchanged
+    [fp32_run, bf16_run, bf16_baseline] = run_suite(
+        [fp32, tiny("mrpc", "rdrop", precision="bf16"), tiny("mrpc", "baseline", precision="bf16")],
+        store,
+        data_dir=DATA,
+        command="pytest",
+    )
+    assert bf16_run["run_id"] != fp32_run["run_id"] and bf16_run["config"]["precision"] == "bf16"
+    losses = [[p["loss"] for p in r["train_curve"]] for r in (fp32_run, bf16_run)]
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=0.05)  # same model, same batch
+    assert losses[0] != losses[1]  # but bfloat16 products
+    for record in (bf16_run, bf16_baseline):
+        metrics = record["selections"]["equal_epochs"]["test"].values()
+        assert all(math.isfinite(value) for value in metrics)
+    # The baseline's equal-time budget comes from the bf16 R-Drop run, never the fp32 one.
+    assert bf16_baseline["time_budget_seconds"] == pytest.approx(bf16_run["train_seconds"])

@@ -21,7 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rdrop_lab.config import METHOD_FIELDS, ConfigError, RunConfig, expand_runs, load_suite
+from rdrop_lab.config import (
+    METHOD_FIELDS,
+    PRECISIONS,
+    ConfigError,
+    RunConfig,
+    expand_runs,
+    load_suite,
+)
 from rdrop_lab.methods import METHODS, method_specs
 from rdrop_lab.resume import default_resume_dir
 from rdrop_lab.store import ResultStore
@@ -153,6 +160,7 @@ _RUN_OPTIONS = (
     "patience",
     "max_epochs",
     "min_steps",
+    "precision",
 )
 
 
@@ -496,6 +504,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dropout", type=float)
     run.add_argument("--max-length", type=int)
     run.add_argument("--evals-per-epoch", type=int)
+    run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32 (default), or bf16: forward and backward under CPU autocast to bfloat16",
+    )
     converge = run.add_argument_group("convergence protocol (early stopping on validation)")
     converge.add_argument(
         "--patience",

@@ -59,6 +59,7 @@ __all__ = [
     "METHOD_FIELDS",
     "ConfigError",
     "MethodSpec",
+    "PRECISIONS",
     "RunConfig",
     "SuiteConfig",
     "changed_fields",
@@ -72,6 +73,10 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration file or option is invalid; the message names the key."""
+
+
+#: The arithmetic a run may train and score in (:attr:`RunConfig.precision`).
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,9 @@ class RunConfig:
     max_epochs: float | None = None
     #: Early stopping never stops a run before this many optimizer steps.
     min_steps: int = 0
+    #: ``"fp32"``, or ``"bf16"``: training steps and scoring under CPU autocast to
+    #: bfloat16 (matrix products in bfloat16; losses, softmax and the optimizer in float32).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         positive = {
@@ -221,6 +229,10 @@ class RunConfig:
             ):
                 raise ConfigError(f"{key} must be a finite number > 0 or null, got {value!r}")
         self._check_convergence_fields()
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.shots_per_class is not None and self.train_size is not None:
             # The k-per-class draw is the training set: train_size does not apply.
             object.__setattr__(self, "train_size", None)
@@ -310,6 +322,7 @@ _OPTIONAL_IN_ID: dict[str, Any] = {
         "patience",
         "max_epochs",
         "min_steps",
+        "precision",
     )
 }
 

@@ -40,6 +40,7 @@ a run in progress writes a resumable checkpoint (:mod:`rdrop_lab.resume`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -58,7 +59,7 @@ import torch
 from torch import nn
 
 import rdrop
-from rdrop_lab.config import ConfigError, RunConfig, config_value, is_plain_rdrop
+from rdrop_lab.config import PRECISIONS, ConfigError, RunConfig, config_value, is_plain_rdrop
 from rdrop_lab.data_regimes import select_training_data
 from rdrop_lab.methods import Method, RunContext, get_method
 from rdrop_lab.progress import Progress
@@ -77,6 +78,7 @@ __all__ = [
     "check_run",
     "estimate_units",
     "evaluate",
+    "precision_context",
     "run_suite",
     "time_budget_for",
     "time_budget_sources",
@@ -100,6 +102,27 @@ def _batches(examples: Sequence[Example], size: int) -> list[Sequence[Example]]:
     return [examples[i : i + size] for i in range(0, len(examples), size)]
 
 
+def precision_context(precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The arithmetic of a run's forward passes (:attr:`RunConfig.precision`).
+
+    ``"bf16"`` is CPU autocast to bfloat16: linear layers, convolutions and attention
+    products run in bfloat16, while autocast keeps softmax, log-softmax and the losses in
+    float32 (R-Drop's KL upcasts its logits itself), and the weights, gradients and
+    optimizer state stay float32. On a CPU with AVX512-BF16 a MiniLM step costs about 0.6
+    of a float32 one. ``"fp32"`` changes nothing.
+
+    Example:
+        >>> with precision_context("bf16"):
+        ...     torch.nn.Linear(4, 2)(torch.ones(1, 4)).dtype
+        torch.bfloat16
+    """
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def evaluate(
     model: nn.Module,
     examples: Sequence[Example],
@@ -108,9 +131,12 @@ def evaluate(
     batch_size: int,
     *,
     final: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, float]:
-    """Task metrics of ``model`` (in eval mode) on ``examples``: see :meth:`Task.evaluate`."""
-    return task.evaluate(model, examples, collate, batch_size, final=final)
+    """Task metrics of ``model`` (in eval mode) on ``examples``, its forward passes in
+    ``precision`` (:func:`precision_context`): see :meth:`Task.evaluate`."""
+    with precision_context(precision):
+        return task.evaluate(model, examples, collate, batch_size, final=final)
 
 
 def _same_budget(a: dict[str, Any], b: RunConfig) -> bool:
@@ -125,6 +151,7 @@ def _same_budget(a: dict[str, Any], b: RunConfig) -> bool:
         "data_seed",
         "lr",
         "shots_per_class",
+        "precision",
     )
     return all(config_value(a, k) == getattr(b, k) for k in keys)
 
@@ -478,7 +505,8 @@ def _training_step(training: _Training, state: _LoopState) -> StepLosses | None:
     tick_cpu, tick_wall = time.process_time(), time.perf_counter()
     training.optimizer.zero_grad(set_to_none=True)
     try:
-        out = training.train_step(inputs, target)  # forward and backward (FGM: two of each)
+        with precision_context(config.precision):  # forward and backward (FGM: two of each)
+            out = training.train_step(inputs, target)
     except rdrop.NonFiniteLossError:
         return None
     if config.max_grad_norm > 0:
@@ -682,7 +710,15 @@ def _window_mean(window: list[StepLosses], column: int) -> float | None:
 def _score_test(training: _Training) -> dict[str, float]:
     """The test metrics of the model as it is now (selected checkpoints only)."""
     t = training
-    return evaluate(t.model, t.data.test, t.collate, t.task, t.config.eval_batch_size, final=True)
+    return evaluate(
+        t.model,
+        t.data.test,
+        t.collate,
+        t.task,
+        t.config.eval_batch_size,
+        final=True,
+        precision=t.config.precision,
+    )
 
 
 def _save_selected_model(training: _Training) -> None:
@@ -697,7 +733,14 @@ def _evaluation_entry(
 ) -> dict[str, Any]:
     """Validation metrics, the probe and the window's mean losses at the current step."""
     t = training
-    validation = evaluate(t.model, t.data.validation, t.collate, t.task, t.config.eval_batch_size)
+    validation = evaluate(
+        t.model,
+        t.data.validation,
+        t.collate,
+        t.task,
+        t.config.eval_batch_size,
+        precision=t.config.precision,
+    )
     probe = rdrop.dropout_consistency(
         t.model, **t.probe_inputs, consistency_mask=t.probe_mask, kind=t.task.consistency_kind
     )

@@ -22,6 +22,7 @@ from rdrop_lab.report._records import (
     COSTS_LIKE_RDROP,
     Record,
     clock_description,
+    config_of,
     finite_or_none,
     method_of,
 )
@@ -441,6 +442,20 @@ def _budget_protocol(tasks: Sequence[TaskRuns]) -> list[str]:
             "the machine; wall-clock seconds are recorded next to it (`train_wall_seconds`)."
         )
     lines = [line]
+    precisions = {t.title: {config_of(r, "precision") for r in t.records} for t in tasks}
+    bf16 = [title for title, used in precisions.items() if used == {"bf16"}]
+    mixed = [title for title, used in precisions.items() if len(used) > 1]
+    if bf16 or mixed:
+        line = "- **Arithmetic**: "
+        if bf16:
+            line += (
+                f"{', '.join(bf16)} trained and scored under CPU autocast to bfloat16 "
+                '(`precision = "bf16"`: matrix products in bfloat16; losses, softmax, weights '
+                "and optimizer in float32), every method alike. "
+            )
+        if mixed:
+            line += f"{', '.join(mixed)} mix float32 and bfloat16 runs (see each run's config). "
+        lines.append(line + "Other tasks in float32.")
     if any(converging(t) for t in tasks):
         lines.append(
             "- **Trained to convergence** (tasks whose runs set `patience`): each run trains "
