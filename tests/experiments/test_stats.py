@@ -14,6 +14,7 @@ from rdrop_lab.stats import (
     format_interval,
     format_mean_std,
     format_signed,
+    gain_kept,
     mean_std,
     paired_difference,
     t_interval,
@@ -158,3 +159,34 @@ def test_formatting() -> None:
     assert format_signed(-0.004841, 4) == "-0.0048"
     assert format_interval(-0.484138, 4.484138, 3) == "[-0.484, +4.484]"
     assert format_interval(float("nan"), float("nan")) == "—"
+
+
+def test_gain_kept_hand_computed() -> None:
+    # Gains over the baseline per seed: variant 0.01, 0.00, 0.02; full 0.02, 0.02, 0.04.
+    variant, full, base = [0.81, 0.80, 0.82], [0.82, 0.82, 0.84], [0.80, 0.80, 0.80]
+    kept, low, high = gain_kept(variant, full, base, n_bootstrap=2000, seed=3)
+    assert kept == pytest.approx(0.03 / 0.08)
+    # The interval resamples the seeds jointly: the same draws, by hand.
+    draws = np.random.default_rng(3).integers(0, 3, size=(2000, 3))
+    v, f = np.array([0.01, 0.0, 0.02]), np.array([0.02, 0.02, 0.04])
+    ratios = v[draws].mean(axis=1) / f[draws].mean(axis=1)
+    assert (low, high) == pytest.approx(tuple(np.quantile(ratios, [0.025, 0.975])))
+    assert low <= kept <= high
+
+
+def test_gain_kept_does_not_depend_on_the_metric_direction() -> None:
+    variant, full, base = [2.9, 3.0, 2.8], [2.7, 2.8, 2.6], [3.1, 3.1, 3.0]  # losses
+    lower = gain_kept(variant, full, base)
+    flipped = gain_kept(*([-x for x in values] for values in (variant, full, base)))
+    assert lower == pytest.approx(flipped)
+
+
+def test_gain_kept_without_a_full_gain_and_with_bad_input() -> None:
+    kept, low, high = gain_kept([0.8, 0.9], [0.8, 0.9], [0.8, 0.9])
+    assert math.isnan(kept) and math.isnan(low) and math.isnan(high)
+    kept, low, high = gain_kept([0.81], [0.82], [0.80])
+    assert kept == pytest.approx(0.5) and math.isnan(low) and math.isnan(high)
+    with pytest.raises(ValueError, match="equal lengths, got 2, 2 and 3"):
+        gain_kept([0.8, 0.9], [0.8, 0.9], [0.8, 0.9, 1.0])
+    with pytest.raises(ValueError, match="variant"):
+        gain_kept([math.nan], [0.8], [0.8])

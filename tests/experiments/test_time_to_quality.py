@@ -264,3 +264,23 @@ def test_verdict_table_says_why_a_converging_task_has_no_verdict() -> None:
         table = converged_verdict_table(records)
         (row,) = [line for line in table.splitlines() if line.startswith("| sst2")]
         assert f"— ({reason})" in row
+
+
+def test_report_gives_the_gain_a_cheaper_variant_keeps(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    for seed, full in enumerate(RDROP):
+        variant = {**full, "run_id": f"toy__rdrop__branch__s{seed}", "seconds_per_step": 0.5}
+        variant["config"] = {**full["config"], "branch_at": "bert.encoder.layer.3"}
+        selected = full["selections"]["converged"]
+        lowered = {**selected, "test": {"accuracy": selected["test"]["accuracy"] - 0.03}}
+        variant["selections"] = {**full["selections"], "converged": lowered}
+        store.write(variant)
+    for r in BASE + RDROP:
+        store.write(r)
+    text = write_report(tmp_path).read_text()
+    # Full R-Drop gains 0.08 and 0.05 (mean 0.065); the variant 0.05 and 0.02 (0.035).
+    assert "| R-Drop α=1.0 | 2 | +0.0650 | 100% (reference) | 1.00× | 60 s" in text
+    kept = 0.035 / 0.065
+    table = text[text.index("Cheaper variants against full R-Drop") :]
+    row = next(line for line in table.splitlines() if line.startswith("| R-Drop α=1.0 branch@"))
+    assert f"| 2 | +0.0350 | {kept:.0%} [" in row and "| 0.50× |" in row

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from rdrop_lab.report._cheaper import cheaper_variant_lines
 from rdrop_lab.report._convergence import convergence_lines, converging
 from rdrop_lab.report._grouping import (
     BOOTSTRAP_SEED,
@@ -578,6 +579,7 @@ def task_section(task: TaskRuns, plots: Sequence[tuple[str, str]]) -> list[str]:
     ]
     if converging(task):
         lines += convergence_lines(task, _digits(task, task.primary))
+        lines += cheaper_variant_lines(task, _digits(task, task.primary))
     comparisons = _comparison_table(task)
     if comparisons is not None:
         lines += [

@@ -1,0 +1,108 @@
+"""The cheaper R-Drop variants of a converged task: how much of full R-Drop's gain each
+keeps, at what cost per step, and when it overtakes the baseline.
+
+A variant is an R-Drop row with options (``branch_at``, ``every_k_steps``,
+``stop_gradient``, ...); its reference is plain R-Drop at the same alpha, over the seeds
+that the variant, plain R-Drop and the baseline all have.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rdrop_lab.report._convergence import (
+    _format_seconds,
+    _seconds_per_epoch,
+    _table,
+    _usable,
+    common_pairs,
+)
+from rdrop_lab.report._grouping import BOOTSTRAP_SEED, CONFIDENCE, N_BOOTSTRAP, MethodRuns, TaskRuns
+from rdrop_lab.report._records import pair_of
+from rdrop_lab.stats import format_signed, gain_kept
+from rdrop_lab.time_to_quality import crossing_time
+
+
+def _full_rdrop_for(task: TaskRuns, variant: MethodRuns) -> MethodRuns | None:
+    return next((g for g in task.groups if g.is_plain_rdrop and g.alpha == variant.alpha), None)
+
+
+def _crossing(task: TaskRuns, group: MethodRuns, base: MethodRuns) -> str:
+    treatment, control = common_pairs(_usable(group, task), _usable(base, task))
+    if not treatment:
+        return "—"
+    metric, higher = task.primary, task.higher_is_better
+    crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
+    if crossing.seconds is None:
+        return "never"
+    text = _format_seconds(crossing.seconds)
+    if crossing.control_epochs is not None:
+        text += f" ({crossing.control_epochs:.1f} baseline epochs)"
+    return text
+
+
+def cheaper_variant_lines(task: TaskRuns, digits: int) -> list[str]:
+    """The gain-kept table of a converged task's R-Drop variants (empty without any).
+
+    Gain kept = ``mean(variant - baseline) / mean(full - baseline)`` of the converged test
+    score (:func:`rdrop_lab.stats.gain_kept`), step cost = the mean seconds per step of the
+    runs over the baseline's, crossing time as in the time-to-quality tables.
+    """
+    base = task.baseline
+    variants = [g for g in task.groups if g.method == "rdrop" and g.variant]
+    if base is None or not variants:
+        return []
+    metric = task.primary
+    rows = []
+    for group in [g for g in task.groups if g.is_plain_rdrop] + variants:
+        full = _full_rdrop_for(task, group)
+        if full is None:
+            continue
+        scores = [g.values("converged", "test", metric) for g in (group, full, base)]
+        usable = {pair_of(r) for g in (group, full, base) for r in _usable(g, task)}
+        pairs = sorted(set.intersection(*(set(s) for s in scores)) & usable)
+        if not pairs:
+            continue
+        variant, reference, baseline = ([s[p] for p in pairs] for s in scores)
+        delta = sum(v - b for v, b in zip(variant, baseline, strict=True)) / len(pairs)
+        if group is full:
+            kept_cell = "100% (reference)"
+        else:
+            kept, low, high = gain_kept(
+                variant, reference, baseline, CONFIDENCE, N_BOOTSTRAP, BOOTSTRAP_SEED
+            )
+            kept_cell = "—" if math.isnan(kept) else f"{kept:.0%}"
+            if not math.isnan(low):
+                kept_cell += f" [{low:.0%}, {high:.0%}]"
+        cost = group.seconds_per_step() / base.seconds_per_step()
+        rows.append(
+            [
+                group.label,
+                str(len(pairs)),
+                format_signed(delta, digits),
+                kept_cell,
+                f"{cost:.2f}×",
+                _crossing(task, group, base),
+            ]
+        )
+    if len(rows) < 2:
+        return []
+    header = [
+        "R-Drop row",
+        "n",
+        f"converged Δ test {metric} vs baseline",
+        f"gain kept [{CONFIDENCE:.0%} bootstrap]",
+        "s/step × baseline",
+        "crossing time",
+    ]
+    return [
+        "",
+        "Cheaper variants against full R-Drop at the same α, over the seeds all three "
+        "(variant, full R-Drop, baseline) have. Gain kept = mean(variant − baseline) / "
+        "mean(full − baseline) of the converged test score, with a percentile bootstrap over "
+        f"seeds ({N_BOOTSTRAP} resamples, seed {BOOTSTRAP_SEED}); it is wide when full "
+        "R-Drop's own gain is small. Step cost from the runs' own training seconds (the "
+        "side-by-side benchmark is `python -m benchmarks.cheap_variants`).",
+        "",
+        _table(header, rows),
+    ]
