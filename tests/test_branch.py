@@ -134,3 +134,44 @@ def test_mixing_tensors_from_below_and_above_outside_a_module_is_explained() -> 
     x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
     with pytest.raises(RuntimeError, match="outside a module"):
         rdrop.RDrop(Residual(), branch_at="upper")(x, target=y)
+
+
+class EncoderDecoder(nn.Module):
+    """``nn.Transformer``'s decoder on a once-run encoder, with its shared causal mask."""
+
+    def __init__(self, d: int = 8, vocab: int = 11) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = {"d_model": d, "nhead": 2, "dim_feedforward": 16, "batch_first": True}
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(**layer, dropout=0.0), 1, enable_nested_tensor=False
+        )
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer, dropout=0.3), 2)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        memory = self.encoder(self.embed(src))
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.head(self.decoder(self.embed(tgt), memory, tgt_mask=causal))
+
+
+@pytest.mark.parametrize("target_length", [4, 5])  # 4: the causal mask is [B, B]
+def test_a_shared_2d_attention_mask_is_not_repeated(target_length: int) -> None:
+    torch.manual_seed(0)
+    model = EncoderDecoder()
+    src = torch.randint(0, 11, (4, 6))
+    tgt = torch.randint(0, 11, (4, target_length))
+    target = torch.randint(0, 11, (4, target_length))
+    torch.manual_seed(3)
+    out = rdrop.RDrop(model, alpha=1.0, branch_at="decoder")(src, tgt, target=target)
+
+    torch.manual_seed(3)  # by hand: the encoder once, the decoder on [h; h] with one mask
+    memory = model.encoder(model.embed(src))
+    causal = nn.Transformer.generate_square_subsequent_mask(target_length)
+    embedded = model.embed(tgt)
+    hidden = model.decoder(
+        torch.cat([embedded, embedded]), torch.cat([memory, memory]), tgt_mask=causal
+    )
+    logits = model.head(hidden)
+    ref = rdrop.rdrop_loss(list(logits.chunk(2)), target, 1.0, implementation="reference")
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)

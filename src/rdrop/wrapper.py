@@ -98,7 +98,9 @@ class RDrop(nn.Module):
             input; the layers below it run once on ``x``, so their dropout is shared by
             the passes and only the upper layers' dropout differs. Every batched input
             (first dimension ``B``) of a module called from the branch point on is
-            repeated too, so attention masks and position embeddings stay consistent.
+            repeated too, so attention masks and position embeddings stay consistent;
+            a 2-D ``attn_mask``, ``mask``, ``src_mask``, ``tgt_mask`` or ``memory_mask``
+            keyword (``[L, S]``, shared by every row in PyTorch's API) is not.
             Cost: ``(c_low + m * c_up) / (c_low + c_up)`` of a plain step, against ``m``.
             The branch module itself, or a dropout at or above it, must be where the
             passes should start to differ (for a Hugging Face classifier's head-only
