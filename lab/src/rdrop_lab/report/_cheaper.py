@@ -10,17 +10,10 @@ from __future__ import annotations
 
 import math
 
-from rdrop_lab.report._convergence import (
-    _format_seconds,
-    _seconds_per_epoch,
-    _table,
-    _usable,
-    common_pairs,
-)
+from rdrop_lab.report._convergence import _table, _usable, common_pairs, crossing_text
 from rdrop_lab.report._grouping import BOOTSTRAP_SEED, CONFIDENCE, N_BOOTSTRAP, MethodRuns, TaskRuns
 from rdrop_lab.report._records import pair_of
 from rdrop_lab.stats import format_signed, gain_kept
-from rdrop_lab.time_to_quality import crossing_time
 
 
 def _full_rdrop_for(task: TaskRuns, variant: MethodRuns) -> MethodRuns | None:
@@ -31,14 +24,7 @@ def _crossing(task: TaskRuns, group: MethodRuns, base: MethodRuns) -> str:
     treatment, control = common_pairs(_usable(group, task), _usable(base, task))
     if not treatment:
         return "—"
-    metric, higher = task.primary, task.higher_is_better
-    crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
-    if crossing.seconds is None:
-        return "never"
-    text = _format_seconds(crossing.seconds)
-    if crossing.control_epochs is not None:
-        text += f" ({crossing.control_epochs:.1f} baseline epochs)"
-    return text
+    return crossing_text(task, treatment, control) or "never"
 
 
 def cheaper_variant_lines(task: TaskRuns, digits: int) -> list[str]:

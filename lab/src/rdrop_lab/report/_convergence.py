@@ -258,13 +258,12 @@ def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
                     str(diff.n if diff is not None else 0),
                 ]
             )
-        crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
-        if crossing.seconds is None:
-            crossed = "never (its best-so-far validation curve is not ahead at the end)"
-        else:
-            crossed = f"at {_format_seconds(crossing.seconds)}"
-            if crossing.control_epochs is not None:
-                crossed += f" ({crossing.control_epochs:.1f} baseline epochs)"
+        crossing = crossing_text(task, treatment, control)
+        crossed = (
+            "never (its best-so-far validation curve is not ahead at the end)"
+            if crossing is None
+            else f"at {crossing}"
+        )
         extra_steps = _mean_extra(treatment, control, "step", metric, higher)
         extra_seconds = _mean_extra(treatment, control, "train_seconds", metric, higher)
         lines += [
@@ -339,6 +338,49 @@ def plot_best_so_far(task: TaskRuns, colors: dict[str, str], path: Path) -> bool
     return True
 
 
+def _verdict_row(task: TaskRuns, digits: int) -> list[str]:
+    """A converging task's verdict row, or a row saying why it has no verdict."""
+    done, total, _ = converged_marks(task)
+    title = f"{task.title} ({task.primary})" + (f" — {task.source}" if task.source else "")
+    chosen, base = task.chosen_rdrop(), task.baseline
+    missing = "no baseline runs" if base is None else "no R-Drop runs"
+    if chosen is not None and base is not None:
+        group, reason = chosen
+        treatment, control = common_pairs(_usable(group, task), _usable(base, task))
+        if treatment:
+            return [
+                title,
+                f"{total} ({done})",
+                f"{group.label} ({reason})",
+                *_verdict_cells(task, treatment, control, digits),
+                f"{group.seconds_per_step() / base.seconds_per_step():.2f}×",
+            ]
+        missing = "no seed with both a baseline and an R-Drop run"
+    return [title, f"{total} ({done})", "—", f"— ({missing})", "", "", ""]
+
+
+def _verdict_cells(
+    task: TaskRuns, treatment: list[Record], control: list[Record], digits: int
+) -> list[str]:
+    """The converged Δ with its interval, W/T/L and the crossing time."""
+    diff = paired_at_budget(treatment, control, math.inf, task.primary, task.higher_is_better)
+    delta, interval, wtl = _interval_cells(diff, digits, task.higher_is_better)
+    return [f"{delta} {interval}", wtl, crossing_text(task, treatment, control) or "never"]
+
+
+def crossing_text(task: TaskRuns, treatment: list[Record], control: list[Record]) -> str | None:
+    """When the treatment's mean best-so-far validation curve passes the baseline's for
+    good, e.g. ``"60 s (6.0 baseline epochs)"``; ``None``: never."""
+    metric, higher = task.primary, task.higher_is_better
+    crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
+    if crossing.seconds is None:
+        return None
+    text = _format_seconds(crossing.seconds)
+    if crossing.control_epochs is not None:
+        text += f" ({crossing.control_epochs:.1f} baseline epochs)"
+    return text
+
+
 def verdict_table(tasks: Sequence[TaskRuns], digits: int = 4) -> str:
     """One row per converging task: the chosen R-Drop row against the baseline, converged
     vs converged (Δ of the test metric with its 95% t-interval), the crossing time and the
@@ -352,41 +394,5 @@ def verdict_table(tasks: Sequence[TaskRuns], digits: int = 4) -> str:
         "crossing time",
         "step cost",
     ]
-    rows = []
-    for task in tasks:
-        if not converging(task):
-            continue
-        done, total, _ = converged_marks(task)
-        title = f"{task.title} ({task.primary})" + (f" — {task.source}" if task.source else "")
-        chosen, base = task.chosen_rdrop(), task.baseline
-        missing = "no baseline runs" if base is None else "no R-Drop runs"
-        if chosen is not None and base is not None:
-            group, reason = chosen
-            treatment, control = common_pairs(_usable(group, task), _usable(base, task))
-            missing = "no seed with both a baseline and an R-Drop run" if not treatment else ""
-        if missing:
-            rows.append([title, f"{total} ({done})", "—", f"— ({missing})", "", "", ""])
-            continue
-        metric, higher = task.primary, task.higher_is_better
-        diff = paired_at_budget(treatment, control, math.inf, metric, higher)
-        delta, interval, wtl = _interval_cells(diff, digits, higher)
-        crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
-        if crossing.seconds is None:
-            crossed = "never"
-        else:
-            crossed = _format_seconds(crossing.seconds)
-            if crossing.control_epochs is not None:
-                crossed += f" ({crossing.control_epochs:.1f} baseline epochs)"
-        cost = group.seconds_per_step() / base.seconds_per_step()
-        rows.append(
-            [
-                title,
-                f"{total} ({done})",
-                f"{group.label} ({reason})",
-                f"{delta} {interval}",
-                wtl,
-                crossed,
-                f"{cost:.2f}×",
-            ]
-        )
+    rows = [_verdict_row(task, digits) for task in tasks if converging(task)]
     return _table(header, rows) if rows else "No runs trained to convergence."
