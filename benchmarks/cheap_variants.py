@@ -8,7 +8,12 @@ interleaved repetitions, median of the per-repetition ratios to the plain step. 
 ``results/cheap_variants.md`` and ``.json``. ``--task mrpc`` does the same for the
 pretrained MiniLM on 16 real MRPC training pairs (the converged GLUE suites' model and
 batch), branching at encoder layers 3 and 5 and at the classifier's dropout, and writes
-``results/cheap_variants_mrpc.md``.
+``results/cheap_variants_mrpc.md``. ``--task multi30k`` times the Multi30k translation
+Transformer of the translation suites on 64 real training pairs (label smoothing 0.1,
+padding ignored), branching at the decoder (the encoder runs once) and at its second and
+third layers, and writes ``results/cheap_variants_multi30k.md``. ``--precision bf16``
+times every step under the lab's bfloat16 autocast (``rdrop_lab.runner.precision_context``)
+and adds ``_bf16`` to the file name.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import torch
 
 import rdrop
 from benchmarks.timing import side_by_side
+from rdrop_lab.config import PRECISIONS
+from rdrop_lab.runner import precision_context
 from rdrop_lab.tasks import default_data_dir, get_task
 from rdrop_lab.tasks.images import VisionTransformer
 
@@ -66,6 +73,18 @@ TASKS: dict[str, dict[str, Any]] = {
             }
         ),
     },
+    "multi30k": {
+        "title": "Multi30k translation Transformer, batch 64",
+        "alpha": 5.0,
+        "file": "cheap_variants_multi30k",
+        "variants": _variants(
+            {
+                "branch_at='transformer.decoder' (decoder only)": "transformer.decoder",
+                "branch_at='transformer.decoder.layers.1'": "transformer.decoder.layers.1",
+                "branch_at='transformer.decoder.layers.2'": "transformer.decoder.layers.2",
+            }
+        ),
+    },
 }
 
 Inputs = tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]
@@ -80,28 +99,53 @@ def _model_and_batch(task: str) -> tuple[torch.nn.Module, Inputs, torch.Tensor]:
         g = torch.Generator().manual_seed(1)
         images = torch.randn(128, 1, 28, 28, generator=g)
         return model.train(), ((images,), {}), torch.randint(0, 10, (128,), generator=g)
-    glue = get_task(task)
-    data = glue.load(default_data_dir(), 16, 16, 0)
-    model, collate = glue.build(dropout=None, max_length=128, data=data)
-    features, labels = collate(data.train[:16])
+    text_task = get_task(task)
+    batch, max_length = (64, 64) if task == "multi30k" else (16, 128)
+    train_size = 10_000 if task == "multi30k" else 16  # the suites' vocabulary for Multi30k
+    data = text_task.load(default_data_dir(), train_size, 16, 0)
+    model, collate = text_task.build(dropout=None, max_length=max_length, data=data)
+    features, labels = collate(data.train[:batch])
     return model.train(), ((), features), labels
 
 
-def _step(task: str, options: dict[str, Any] | None) -> Callable[[], None]:
+def _plain_loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The task's loss of one pass, as the suites' baseline computes it."""
+    spec = get_task(task)
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, -2) if logits.ndim > 2 else logits,
+        labels.flatten(),
+        ignore_index=spec.ignore_index,
+        label_smoothing=spec.label_smoothing,
+    )
+
+
+def _step(task: str, options: dict[str, Any] | None, precision: str) -> Callable[[], None]:
     """Two training steps (so that every-2-steps R-Drop is timed over its whole cycle)."""
     model, (args, kwargs), labels = _model_and_batch(task)
-    wrapped = None if options is None else rdrop.RDrop(model, TASKS[task]["alpha"], **options)
+    spec = get_task(task)
+    wrapped = (
+        None
+        if options is None
+        else rdrop.RDrop(
+            model,
+            TASKS[task]["alpha"],
+            ignore_index=spec.ignore_index,
+            label_smoothing=spec.label_smoothing,
+            **options,
+        )
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step() -> None:
         for _ in range(2):
             optimizer.zero_grad(set_to_none=True)
-            if wrapped is None:
-                output = rdrop.extract_logits(model(*args, **kwargs))
-                loss = torch.nn.functional.cross_entropy(output, labels)
-            else:
-                loss = wrapped(*args, target=labels, **kwargs).loss
-            loss.backward()
+            with precision_context(precision):
+                if wrapped is None:
+                    output = rdrop.extract_logits(model(*args, **kwargs))
+                    loss = _plain_loss(task, output, labels)
+                else:
+                    loss = wrapped(*args, target=labels, **kwargs).loss
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
 
@@ -113,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=sorted(TASKS), default="fmnist_vit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     spec = TASKS[args.task]
-    variants = {name: _step(args.task, options) for name, options in spec["variants"].items()}
+    variants = {
+        name: _step(args.task, options, args.precision)
+        for name, options in spec["variants"].items()
+    }
     timings = side_by_side(variants, "baseline (plain step)", args.reps, min_seconds=0.2)
     rows = [
         {
@@ -131,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     meta = {
         "command": f"python -m benchmarks.cheap_variants --task {args.task} --threads "
-        f"{args.threads} --reps {args.reps}",
+        f"{args.threads} --reps {args.reps}"
+        + (f" --precision {args.precision}" if args.precision != "fp32" else ""),
+        "precision": args.precision,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "machine": platform.machine(),
@@ -140,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = spec["file"]
+    name = spec["file"] + ("" if args.precision == "fp32" else f"_{args.precision}")
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         f"# Step cost of the cheaper R-Drop variants ({spec['title']})",
         "",
         f"Command: `{meta['command']}` ({meta['seconds']} s). {meta['date']}, torch "
-        f"{meta['torch']}, {meta['machine']}, {args.threads} thread(s). One training step "
+        f"{meta['torch']}, {meta['machine']}, {args.threads} thread(s), "
+        f"{'float32' if args.precision == 'fp32' else 'bfloat16 autocast'}. One training step "
         "(forward, backward, clipping, AdamW), interleaved repetitions, median of the "
         "per-repetition ratios to the plain step (min-max in parentheses).",
         "",
