@@ -284,3 +284,21 @@ def test_report_gives_the_gain_a_cheaper_variant_keeps(tmp_path: Path) -> None:
     table = text[text.index("Cheaper variants against full R-Drop") :]
     row = next(line for line in table.splitlines() if line.startswith("| R-Drop α=1.0 branch@"))
     assert f"| 2 | +0.0350 | {kept:.0%} [" in row and "| 0.50× |" in row
+
+
+def test_report_names_the_arithmetic_of_bf16_tasks(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    for r in [*BASE, *RDROP]:
+        store.write({**r, "config": {**r["config"], "precision": "bf16"}})
+    text = write_report(tmp_path).read_text()
+    assert "- **Arithmetic**: sst2 trained and scored under CPU autocast to bfloat16" in text
+    mixed = tmp_path / "mixed"
+    store = ResultStore(mixed)
+    for r in [*BASE, RDROP[0], {**RDROP[1], "config": {**RDROP[1]["config"], "precision": "bf16"}}]:
+        store.write(r)
+    assert "sst2 mix float32 and bfloat16 runs" in write_report(mixed).read_text()
+    plain = tmp_path / "plain"
+    store = ResultStore(plain)
+    for r in [*BASE, *RDROP]:
+        store.write(r)
+    assert "**Arithmetic**" not in write_report(plain).read_text()

@@ -146,7 +146,7 @@ class RunConfig:
     #: Early stopping never stops a run before this many optimizer steps.
     min_steps: int = 0
     #: ``"fp32"``, or ``"bf16"``: training steps and scoring under CPU autocast to
-    #: bfloat16 (matrix products in bfloat16; losses, softmax and the optimizer in float32).
+    #: bfloat16 (matrix products in bfloat16; the losses, weights and optimizer in float32).
     precision: str = "fp32"
 
     def __post_init__(self) -> None:

@@ -451,8 +451,8 @@ def _budget_protocol(tasks: Sequence[TaskRuns]) -> list[str]:
         if bf16:
             line += (
                 f"{', '.join(bf16)} trained and scored under CPU autocast to bfloat16 "
-                '(`precision = "bf16"`: matrix products in bfloat16; losses, softmax, weights '
-                "and optimizer in float32), every method alike. "
+                '(`precision = "bf16"`: matrix products in bfloat16; the losses, weights and '
+                "optimizer in float32), every method alike. "
             )
         if mixed:
             line += f"{', '.join(mixed)} mix float32 and bfloat16 runs (see each run's config). "
