@@ -12,8 +12,8 @@ batch), branching at encoder layers 3 and 5 and at the classifier's dropout, and
 Transformer of the translation suites on 64 real training pairs (label smoothing 0.1,
 padding ignored), branching at the decoder (the encoder runs once) and at its second and
 third layers, and writes ``results/cheap_variants_multi30k.md``. ``--precision bf16``
-times every step under the lab's bfloat16 autocast (``rdrop_lab.runner.precision_context``)
-and adds ``_bf16`` to the file name.
+times every step as the lab's bf16 runs train (``rdrop_lab.precision``: bfloat16 autocast,
+the output layer in float32; GLUE only) and adds ``_bf16`` to the file name.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import rdrop
 from benchmarks.timing import side_by_side
 from rdrop_lab.config import PRECISIONS
-from rdrop_lab.runner import precision_context
+from rdrop_lab.precision import keep_float32, precision_context
 from rdrop_lab.tasks import default_data_dir, get_task
 from rdrop_lab.tasks.images import VisionTransformer
 
@@ -123,6 +123,10 @@ def _step(task: str, options: dict[str, Any] | None, precision: str) -> Callable
     """Two training steps (so that every-2-steps R-Drop is timed over its whole cycle)."""
     model, (args, kwargs), labels = _model_and_batch(task)
     spec = get_task(task)
+    if precision == "bf16":  # as the lab's bf16 runs: the output layer stays float32
+        if spec.output_module is None:
+            raise SystemExit(f"--precision bf16: task {task!r} names no output layer; use fp32")
+        keep_float32(model.get_submodule(spec.output_module))
     wrapped = (
         None
         if options is None

@@ -175,3 +175,42 @@ def test_a_shared_2d_attention_mask_is_not_repeated(target_length: int) -> None:
     logits = model.head(hidden)
     ref = rdrop.rdrop_loss(list(logits.chunk(2)), target, 1.0, implementation="reference")
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+class OwnMaskLayer(nn.Module):
+    """A model's own layer whose ``mask`` keyword is a per-row ``[B, T]`` padding mask."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.inner = MaskedLayer(d)
+
+    def forward(self, h: Tensor, *, mask: Tensor) -> Tensor:
+        return self.inner(h, mask)
+
+
+def test_a_models_own_mask_keyword_is_repeated() -> None:
+    # B == T == 4: only the module's kind, not the keyword, says the mask is per row.
+    torch.manual_seed(0)
+    embed, layers, head = (
+        nn.Linear(3, 8),
+        nn.ModuleList([OwnMaskLayer(), OwnMaskLayer()]),
+        nn.Linear(8, 5),
+    )
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.layers, self.head = embed, layers, head
+
+        def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+            h = self.embed(x)
+            for layer in self.layers:
+                h = layer(h, mask=mask)
+            return self.head(h)
+
+    x, mask = torch.randn(4, 4, 3), torch.ones(4, 4)
+    mask[2, 3:] = 0.0
+    out = rdrop.RDrop(Net(), alpha=1.0, branch_at="layers.1")(
+        x, mask, target=torch.zeros(4, 4, dtype=torch.long)
+    )
+    assert torch.isfinite(out.loss)

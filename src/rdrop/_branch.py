@@ -7,10 +7,12 @@ the batch size ``B``) of every module of the model called after it, so that argu
 computed below the branch point, such as attention masks or rotary position embeddings,
 are doubled consistently with the hidden states. The dropout masks below the branch point
 are then shared by the passes and only the upper layers' dropout differs between them.
-One exception to the first-dimension rule: a 2-D tensor passed under one of PyTorch's
-attention-mask keywords (:data:`UNBATCHED_MASK_KEYWORDS`, e.g. ``nn.Transformer``'s causal
-``tgt_mask`` ``[T, T]``) is shared by every row in PyTorch's API, so it is never repeated,
-even when ``T`` equals the batch size.
+One exception to the first-dimension rule: PyTorch's own attention and Transformer
+modules take a 2-D mask under the keywords ``attn_mask``, ``mask``, ``src_mask``,
+``tgt_mask`` and ``memory_mask`` (e.g. ``nn.Transformer``'s causal ``tgt_mask`` ``[T, T]``)
+that every row shares, so for those modules such a mask is never repeated, even when ``T``
+equals the batch size. Other modules' arguments follow the first-dimension rule whatever
+their name (a model's own ``mask=`` may well be ``[B, T]``).
 
 Cost model (forward and backward), with ``c_low`` and ``c_up`` the costs of the layers
 below and from the branch point::
@@ -30,18 +32,28 @@ from torch import Tensor, nn
 
 from rdrop._batch import repeat_batch
 
-__all__ = ["UNBATCHED_MASK_KEYWORDS", "branched", "resolve_branch"]
+__all__ = ["branched", "resolve_branch"]
 
-#: Keywords under which PyTorch's attention modules (``nn.MultiheadAttention``,
-#: ``nn.Transformer*``, ``scaled_dot_product_attention``) take a mask that a 2-D tensor
-#: gives for every row of the batch (``[L, S]``).
-UNBATCHED_MASK_KEYWORDS = frozenset({"attn_mask", "mask", "src_mask", "tgt_mask", "memory_mask"})
+# PyTorch's modules whose 2-D masks under these keywords are ``[L, S]``, one for every row.
+_TORCH_ATTENTION = (
+    nn.MultiheadAttention,
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+_SHARED_MASK_KEYWORDS = frozenset({"attn_mask", "mask", "src_mask", "tgt_mask", "memory_mask"})
 
 
-def _repeat_kwargs(kwargs: dict[str, Any], batch_size: int, times: int) -> dict[str, Any]:
-    return {
+def _repeat_inputs(
+    module: nn.Module, args: Any, kwargs: dict[str, Any], batch_size: int, times: int
+) -> tuple[Any, dict[str, Any]]:
+    """The module's arguments with every batched tensor repeated ``times`` along dim 0."""
+    shared = _SHARED_MASK_KEYWORDS if isinstance(module, _TORCH_ATTENTION) else frozenset()
+    return repeat_batch(args, batch_size, times), {
         key: value
-        if key in UNBATCHED_MASK_KEYWORDS and isinstance(value, Tensor) and value.ndim == 2
+        if key in shared and isinstance(value, Tensor) and value.ndim == 2
         else repeat_batch(value, batch_size, times)
         for key, value in kwargs.items()
     }
@@ -102,7 +114,7 @@ def branched(model: nn.Module, branch: nn.Module, batch_size: int, times: int) -
             started = True
         elif not started:
             return None
-        return repeat_batch(args, batch_size, times), _repeat_kwargs(kwargs, batch_size, times)
+        return _repeat_inputs(module, args, kwargs, batch_size, times)
 
     handles = [
         module.register_forward_pre_hook(double, with_kwargs=True) for module in model.modules()

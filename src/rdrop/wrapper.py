@@ -99,8 +99,9 @@ class RDrop(nn.Module):
             the passes and only the upper layers' dropout differs. Every batched input
             (first dimension ``B``) of a module called from the branch point on is
             repeated too, so attention masks and position embeddings stay consistent;
-            a 2-D ``attn_mask``, ``mask``, ``src_mask``, ``tgt_mask`` or ``memory_mask``
-            keyword (``[L, S]``, shared by every row in PyTorch's API) is not.
+            the 2-D ``attn_mask``, ``mask``, ``src_mask``, ``tgt_mask`` or
+            ``memory_mask`` of PyTorch's own attention and Transformer modules
+            (``[L, S]``, shared by every row) is not.
             Cost: ``(c_low + m * c_up) / (c_low + c_up)`` of a plain step, against ``m``.
             The branch module itself, or a dropout at or above it, must be where the
             passes should start to differ (for a Hugging Face classifier's head-only

@@ -260,30 +260,63 @@ def test_verdict_table_says_why_a_converging_task_has_no_verdict() -> None:
         ([*BASE, other], "no seed with both a baseline and an R-Drop run"),
         (BASE, "no R-Drop runs"),
         (RDROP, "no baseline runs"),
+        ([*BASE, _variant(RDROP[0], 0, 0.0)], "no plain R-Drop runs"),
     ]:
         table = converged_verdict_table(records)
         (row,) = [line for line in table.splitlines() if line.startswith("| sst2")]
         assert f"— ({reason})" in row
 
 
+def _variant(full: dict[str, Any], seed: int, shift: float) -> dict[str, Any]:
+    """A branch_at variant of a full R-Drop record, its converged test score shifted."""
+    variant = {**full, "run_id": f"toy__rdrop__branch__s{seed}", "seconds_per_step": 0.5}
+    variant["config"] = {**full["config"], "branch_at": "bert.encoder.layer.3"}
+    selected = full["selections"]["converged"]
+    shifted = {**selected, "test": {"accuracy": selected["test"]["accuracy"] + shift}}
+    variant["selections"] = {**full["selections"], "converged": shifted}
+    return variant
+
+
+def _cheaper_table(text: str) -> str:
+    return text[text.index("Cheaper variants against full R-Drop") :]
+
+
 def test_report_gives_the_gain_a_cheaper_variant_keeps(tmp_path: Path) -> None:
     store = ResultStore(tmp_path)
     for seed, full in enumerate(RDROP):
-        variant = {**full, "run_id": f"toy__rdrop__branch__s{seed}", "seconds_per_step": 0.5}
-        variant["config"] = {**full["config"], "branch_at": "bert.encoder.layer.3"}
-        selected = full["selections"]["converged"]
-        lowered = {**selected, "test": {"accuracy": selected["test"]["accuracy"] - 0.03}}
-        variant["selections"] = {**full["selections"], "converged": lowered}
-        store.write(variant)
+        store.write(_variant(full, seed, -0.03))
     for r in BASE + RDROP:
         store.write(r)
     text = write_report(tmp_path).read_text()
     # Full R-Drop gains 0.08 and 0.05 (mean 0.065); the variant 0.05 and 0.02 (0.035).
     assert "| R-Drop α=1.0 | 2 | +0.0650 | 100% (reference) | 1.00× | 60 s" in text
     kept = 0.035 / 0.065
-    table = text[text.index("Cheaper variants against full R-Drop") :]
+    table = _cheaper_table(text)
     row = next(line for line in table.splitlines() if line.startswith("| R-Drop α=1.0 branch@"))
     assert f"| 2 | +0.0350 | {kept:.0%} [" in row and "| 0.50× |" in row
+
+
+def test_gain_kept_leaves_out_diverged_variant_seeds_and_a_full_rdrop_without_gain(
+    tmp_path: Path,
+) -> None:
+    store = ResultStore(tmp_path)
+    diverged = {**_variant(RDROP[1], 1, -0.03), "diverged": True}
+    for r in [*BASE, *RDROP, _variant(RDROP[0], 0, -0.03), diverged]:
+        store.write(r)
+    table = _cheaper_table(write_report(tmp_path).read_text())
+    row = next(line for line in table.splitlines() if line.startswith("| R-Drop α=1.0 branch@"))
+    assert "| 1 | +0.0500 | 62% |" in row  # seed 0 only: 0.05 / 0.08
+    # A full R-Drop that ends below the baseline: no share of a gain to keep.
+    worse = tmp_path / "worse"
+    store = ResultStore(worse)
+    for seed, full in enumerate(RDROP):
+        selected = full["selections"]["converged"]
+        lowered = {**selected, "test": {"accuracy": selected["test"]["accuracy"] - 0.2}}
+        store.write({**full, "selections": {**full["selections"], "converged": lowered}})
+        store.write(_variant(full, seed, -0.03))
+    for r in BASE:
+        store.write(r)
+    assert "— (full R-Drop did not gain)" in _cheaper_table(write_report(worse).read_text())
 
 
 def test_report_names_the_arithmetic_of_bf16_tasks(tmp_path: Path) -> None:

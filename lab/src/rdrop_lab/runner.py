@@ -40,7 +40,6 @@ a run in progress writes a resumable checkpoint (:mod:`rdrop_lab.resume`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -59,9 +58,10 @@ import torch
 from torch import nn
 
 import rdrop
-from rdrop_lab.config import PRECISIONS, ConfigError, RunConfig, config_value, is_plain_rdrop
+from rdrop_lab.config import ConfigError, RunConfig, config_value, is_plain_rdrop
 from rdrop_lab.data_regimes import select_training_data
 from rdrop_lab.methods import Method, RunContext, get_method
+from rdrop_lab.precision import keep_float32, precision_context
 from rdrop_lab.progress import Progress
 from rdrop_lab.record import SCHEMA, RunRecord
 from rdrop_lab.resume import (
@@ -78,7 +78,6 @@ __all__ = [
     "check_run",
     "estimate_units",
     "evaluate",
-    "precision_context",
     "run_suite",
     "time_budget_for",
     "time_budget_sources",
@@ -100,28 +99,6 @@ def _seed_everything(seed: int) -> None:
 
 def _batches(examples: Sequence[Example], size: int) -> list[Sequence[Example]]:
     return [examples[i : i + size] for i in range(0, len(examples), size)]
-
-
-def precision_context(precision: str) -> contextlib.AbstractContextManager[Any]:
-    """The arithmetic of a run's forward passes (:attr:`RunConfig.precision`).
-
-    ``"bf16"`` is CPU autocast to bfloat16: linear layers, convolutions, matrix products
-    and attention run in bfloat16 (and so do the activations between them), autocast
-    computes cross-entropy and MSE in float32, R-Drop's KL upcasts its logits to float32
-    itself, and the weights, gradients and optimizer state stay float32. On this project's
-    CPU (AVX512-BF16) a MiniLM step on MRPC cost 0.67 of a float32 one
-    (``results/pilots/bf16``). ``"fp32"`` changes nothing.
-
-    Example:
-        >>> with precision_context("bf16"):
-        ...     torch.nn.Linear(4, 2)(torch.ones(1, 4)).dtype
-        torch.bfloat16
-    """
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def evaluate(
@@ -214,6 +191,11 @@ def check_run(config: RunConfig) -> None:
     method = get_method(config.method)
     try:
         method.check(task, config)
+        if config.precision == "bf16" and task.output_module is None:
+            raise ConfigError(
+                f"precision='bf16' keeps the model's output layer in float32, and task "
+                f"{task.name!r} names none (Task.output_module): train it in fp32"
+            )
         if config.shots_per_class is not None and task.kind != "classification":
             raise ConfigError(
                 f"shots_per_class: few-shot sampling needs classes, and task {task.name!r} "
@@ -457,6 +439,8 @@ def _build_training(
     """
     _seed_everything(config.seed)
     model, collate = task.build(dropout=config.dropout, max_length=config.max_length, data=data)
+    if config.precision == "bf16" and task.output_module is not None:
+        keep_float32(model.get_submodule(task.output_module))
     context = RunContext(
         collate=collate,
         # The method's own draws (MixUp, unlabeled order): a stream apart from dropout's.

@@ -31,22 +31,25 @@ def cheaper_variant_lines(task: TaskRuns, digits: int) -> list[str]:
     """The gain-kept table of a converged task's R-Drop variants (empty without any).
 
     Gain kept = ``mean(variant - baseline) / mean(full - baseline)`` of the converged test
-    score (:func:`rdrop_lab.stats.gain_kept`), step cost = the mean seconds per step of the
-    runs over the baseline's, crossing time as in the time-to-quality tables.
+    score (:func:`rdrop_lab.stats.gain_kept`), left out where full R-Drop did not gain;
+    step cost = the mean seconds per step of the runs over the baseline's, crossing time as
+    in the time-to-quality tables. Only seeds where all three runs are usable (not
+    diverged, a finite validation score) count.
     """
     base = task.baseline
     variants = [g for g in task.groups if g.method == "rdrop" and g.variant]
     if base is None or not variants:
         return []
     metric = task.primary
-    rows = []
+    rows, compared = [], 0
     for group in [g for g in task.groups if g.is_plain_rdrop] + variants:
         full = _full_rdrop_for(task, group)
         if full is None:
             continue
-        scores = [g.values("converged", "test", metric) for g in (group, full, base)]
-        usable = {pair_of(r) for g in (group, full, base) for r in _usable(g, task)}
-        pairs = sorted(set.intersection(*(set(s) for s in scores)) & usable)
+        trio = (group, full, base)
+        scores = [g.values("converged", "test", metric) for g in trio]
+        usable = [{pair_of(r) for r in _usable(g, task)} for g in trio]
+        pairs = sorted(set.intersection(*(set(s) for s in scores), *usable))
         if not pairs:
             continue
         variant, reference, baseline = ([s[p] for p in pairs] for s in scores)
@@ -54,12 +57,15 @@ def cheaper_variant_lines(task: TaskRuns, digits: int) -> list[str]:
         if group is full:
             kept_cell = "100% (reference)"
         else:
+            compared += 1
             kept, low, high = gain_kept(
                 variant, reference, baseline, CONFIDENCE, N_BOOTSTRAP, BOOTSTRAP_SEED
             )
-            kept_cell = "—" if math.isnan(kept) else f"{kept:.0%}"
-            if not math.isnan(low):
-                kept_cell += f" [{low:.0%}, {high:.0%}]"
+            full_gain = sum(f - b for f, b in zip(reference, baseline, strict=True))
+            if not (full_gain > 0 if task.higher_is_better else full_gain < 0):
+                kept_cell = "— (full R-Drop did not gain)"
+            else:
+                kept_cell = f"{kept:.0%}" + ("" if math.isnan(low) else f" [{low:.0%}, {high:.0%}]")
         cost = group.seconds_per_step() / base.seconds_per_step()
         rows.append(
             [
@@ -67,11 +73,11 @@ def cheaper_variant_lines(task: TaskRuns, digits: int) -> list[str]:
                 str(len(pairs)),
                 format_signed(delta, digits),
                 kept_cell,
-                f"{cost:.2f}×",
+                "—" if math.isnan(cost) else f"{cost:.2f}×",
                 _crossing(task, group, base),
             ]
         )
-    if len(rows) < 2:
+    if not compared:
         return []
     header = [
         "R-Drop row",

@@ -343,7 +343,14 @@ def _verdict_row(task: TaskRuns, digits: int) -> list[str]:
     done, total, _ = converged_marks(task)
     title = f"{task.title} ({task.primary})" + (f" — {task.source}" if task.source else "")
     chosen, base = task.chosen_rdrop(), task.baseline
-    missing = "no baseline runs" if base is None else "no R-Drop runs"
+    any_rdrop = any(g.method == "rdrop" for g in task.groups)
+    missing = (
+        "no baseline runs"
+        if base is None
+        else "no plain R-Drop runs"
+        if any_rdrop
+        else "no R-Drop runs"
+    )
     if chosen is not None and base is not None:
         group, reason = chosen
         treatment, control = common_pairs(_usable(group, task), _usable(base, task))

@@ -443,9 +443,9 @@ def _budget_protocol(tasks: Sequence[TaskRuns]) -> list[str]:
             "the machine; wall-clock seconds are recorded next to it (`train_wall_seconds`)."
         )
     lines = [line]
-    precisions = {t.title: {config_of(r, "precision") for r in t.records} for t in tasks}
-    bf16 = [title for title, used in precisions.items() if used == {"bf16"}]
-    mixed = [title for title, used in precisions.items() if len(used) > 1]
+    precisions = [(t.title, {config_of(r, "precision") for r in t.records}) for t in tasks]
+    bf16 = [title for title, used in precisions if used == {"bf16"}]
+    mixed = [title for title, used in precisions if len(used) > 1]
     if bf16 or mixed:
         line = "- **Arithmetic**: "
         if bf16:
@@ -456,7 +456,9 @@ def _budget_protocol(tasks: Sequence[TaskRuns]) -> list[str]:
             )
         if mixed:
             line += f"{', '.join(mixed)} mix float32 and bfloat16 runs (see each run's config). "
-        lines.append(line + "Other tasks in float32.")
+        if any(used == {"fp32"} for _, used in precisions):
+            line += "Other tasks in float32."
+        lines.append(line.rstrip())
     if any(converging(t) for t in tasks):
         lines.append(
             "- **Trained to convergence** (tasks whose runs set `patience`): each run trains "

@@ -90,6 +90,10 @@ class Task(ABC):
     ignore_index: int = -100
     #: Run settings this task uses unless a run sets them (``rdrop run``, suite files).
     run_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: The model's output layer (its dotted name), which ``precision = "bf16"`` runs keep
+    #: in float32 (:func:`rdrop_lab.precision.keep_float32`); ``None``: the task has no
+    #: such layer and its runs train in float32 only.
+    output_module: str | None = None
 
     # -- Hooks of the regularizer methods (MixUp, Manifold MixUp, FGM). ------------------
     #: Input MixUp mixes ``inputs[mixup_input_key]`` directly (a float tensor, e.g. an

@@ -103,6 +103,7 @@ class GlueTask(Task):
     """One GLUE task: file layout, metrics and the paper's alpha for it."""
 
     has_token_embeddings = True
+    output_module = "classifier"
 
     def __init__(
         self,
