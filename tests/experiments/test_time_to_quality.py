@@ -195,6 +195,7 @@ def test_time_to_quality_uses_the_seeds_both_methods_have(tmp_path: Path) -> Non
     extra = {**record("rdrop", 1), "run_id": "toy__rdrop__s2"}
     extra["config"] = {**extra["config"], "seed": 2}
     extra["evals"] = [{**e, "train_seconds": e["train_seconds"] * 10} for e in extra["evals"]]
+    extra["seconds_per_step"] = 10.0
     treatment, control = common_pairs([*RDROP, extra], BASE)
     assert [r["config"]["seed"] for r in treatment] == [0, 1] and len(control) == 2
     store = ResultStore(tmp_path)
@@ -204,6 +205,9 @@ def test_time_to_quality_uses_the_seeds_both_methods_have(tmp_path: Path) -> Non
     assert "over the 2 seed(s) both have" in text
     assert "| R-Drop's time to its best | 60 s | +0.0650 |" in text  # not the 600 s seed
     assert "| converged vs converged | — | +0.0650 | [-0.1256, +0.2556] | 2/0/0 | 2 |" in text
+    from rdrop_lab.report import converged_verdict_table
+
+    assert "| 1.00× |" in converged_verdict_table([*BASE, *RDROP, extra])  # shared seeds' cost
 
 
 def test_convergence_marks_read_the_stop_reason() -> None:

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import math
 
-from rdrop_lab.report._convergence import _table, _usable, common_pairs, crossing_text
+from rdrop_lab.report._convergence import (
+    _table,
+    _usable,
+    common_pairs,
+    crossing_text,
+    step_cost_text,
+)
 from rdrop_lab.report._grouping import BOOTSTRAP_SEED, CONFIDENCE, N_BOOTSTRAP, MethodRuns, TaskRuns
 from rdrop_lab.report._records import pair_of
 from rdrop_lab.stats import format_signed, gain_kept
@@ -32,7 +38,7 @@ def cheaper_variant_lines(task: TaskRuns, digits: int) -> list[str]:
 
     Gain kept = ``mean(variant - baseline) / mean(full - baseline)`` of the converged test
     score (:func:`rdrop_lab.stats.gain_kept`), left out where full R-Drop did not gain;
-    step cost = the mean seconds per step of the runs over the baseline's, crossing time as
+    step cost = the counted seeds' mean seconds per step over the baseline's, crossing time as
     in the time-to-quality tables. Only seeds where all three runs are usable (not
     diverged, a finite validation score) count.
     """
@@ -66,14 +72,14 @@ def cheaper_variant_lines(task: TaskRuns, digits: int) -> list[str]:
                 kept_cell = "— (full R-Drop did not gain)"
             else:
                 kept_cell = f"{kept:.0%}" + ("" if math.isnan(low) else f" [{low:.0%}, {high:.0%}]")
-        cost = group.seconds_per_step() / base.seconds_per_step()
+        runs = [[r for r in g.records if pair_of(r) in pairs] for g in (group, base)]
         rows.append(
             [
                 group.label,
                 str(len(pairs)),
                 format_signed(delta, digits),
                 kept_cell,
-                "—" if math.isnan(cost) else f"{cost:.2f}×",
+                step_cost_text(*runs),
                 _crossing(task, group, base),
             ]
         )

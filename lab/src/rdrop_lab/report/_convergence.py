@@ -15,7 +15,7 @@ from rdrop_lab.report._grouping import (
     MethodRuns,
     TaskRuns,
 )
-from rdrop_lab.report._records import Record, clock_description, pair_of
+from rdrop_lab.report._records import Record, clock_description, pair_of, seconds_per_step_of
 from rdrop_lab.stats import (
     PairedDifference,
     format_interval,
@@ -360,7 +360,7 @@ def _verdict_row(task: TaskRuns, digits: int) -> list[str]:
                 f"{total} ({done})",
                 f"{group.label} ({reason})",
                 *_verdict_cells(task, treatment, control, digits),
-                f"{group.seconds_per_step() / base.seconds_per_step():.2f}×",
+                step_cost_text(treatment, control),
             ]
         missing = "no seed with both a baseline and an R-Drop run"
     return [title, f"{total} ({done})", "—", f"— ({missing})", "", "", ""]
@@ -373,6 +373,17 @@ def _verdict_cells(
     diff = paired_at_budget(treatment, control, math.inf, task.primary, task.higher_is_better)
     delta, interval, wtl = _interval_cells(diff, digits, task.higher_is_better)
     return [f"{delta} {interval}", wtl, crossing_text(task, treatment, control) or "never"]
+
+
+def step_cost_text(treatment: Sequence[Record], control: Sequence[Record]) -> str:
+    """The treatment's mean seconds per step over the control's, from the runs given (the
+    seeds both have), e.g. ``"1.85×"``; ``"—"`` without timings."""
+    means = []
+    for runs in (treatment, control):
+        values = [v for r in runs if (v := seconds_per_step_of(r)) is not None]
+        means.append(sum(values) / len(values) if values else math.nan)
+    cost = means[0] / means[1]
+    return "—" if math.isnan(cost) else f"{cost:.2f}×"
 
 
 def crossing_text(task: TaskRuns, treatment: list[Record], control: list[Record]) -> str | None:
