@@ -210,7 +210,7 @@ def test_cli_reports_bad_config_with_exit_code_2(
     assert "[train] unknown key 'epoch'" in capsys.readouterr().err
 
 
-def _converging_run_command(results: Path) -> list[str]:
+def _converging_run_command(results: Path, precision: str = "fp32") -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -243,10 +243,15 @@ def _converging_run_command(results: Path) -> list[str]:
         str(results),
         "--data-dir",
         str(DATA),
+        "--precision",
+        precision,
     ]
 
 
-def test_sigkilled_run_resumes_to_the_record_of_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigkilled_run_resumes_to_the_record_of_an_uninterrupted_run(
+    tmp_path: Path, precision: str
+) -> None:
     """A real ``rdrop run`` subprocess killed with SIGKILL mid-training, then the same
     command again: it resumes and writes the record the uninterrupted run writes."""
     import random
@@ -254,11 +259,15 @@ def test_sigkilled_run_resumes_to_the_record_of_an_uninterrupted_run(tmp_path: P
     env = {**os.environ, "RDROP_RESUME_DIR": str(tmp_path / "resume")}
     whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(
-        _converging_run_command(whole_dir), env=env, capture_output=True, timeout=600, check=True
+        _converging_run_command(whole_dir, precision),
+        env=env,
+        capture_output=True,
+        timeout=600,
+        check=True,
     )
     [whole] = [json.loads(p.read_text()) for p in (whole_dir / "runs").glob("*.json")]
 
-    cmd = _converging_run_command(killed_dir)
+    cmd = _converging_run_command(killed_dir, precision)
     process = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
