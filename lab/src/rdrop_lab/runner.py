@@ -490,7 +490,10 @@ def _training_step(training: _Training, state: _LoopState) -> StepLosses | None:
     tick_cpu, tick_wall = time.process_time(), time.perf_counter()
     training.optimizer.zero_grad(set_to_none=True)
     try:
-        with precision_context(config.precision):  # forward and backward (FGM: two of each)
+        # A method's step runs its own backward passes (FGM: two forwards and two
+        # backwards), so the region covers them; each backward op takes the dtype autocast
+        # gave its forward op, and gradients land in the float32 weights' dtype.
+        with precision_context(config.precision):
             out = training.train_step(inputs, target)
     except rdrop.NonFiniteLossError:
         return None
