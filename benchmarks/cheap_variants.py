@@ -32,6 +32,7 @@ import torch
 import rdrop
 from benchmarks.timing import side_by_side
 from rdrop_lab.config import PRECISIONS
+from rdrop_lab.methods.base import plain_task_loss
 from rdrop_lab.precision import keep_float32, precision_context
 from rdrop_lab.tasks import default_data_dir, get_task
 from rdrop_lab.tasks.images import VisionTransformer
@@ -108,17 +109,6 @@ def _model_and_batch(task: str) -> tuple[torch.nn.Module, Inputs, torch.Tensor]:
     return model.train(), ((), features), labels
 
 
-def _plain_loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The task's loss of one pass, as the suites' baseline computes it."""
-    spec = get_task(task)
-    return torch.nn.functional.cross_entropy(
-        logits.flatten(0, -2) if logits.ndim > 2 else logits,
-        labels.flatten(),
-        ignore_index=spec.ignore_index,
-        label_smoothing=spec.label_smoothing,
-    )
-
-
 def _step(task: str, options: dict[str, Any] | None, precision: str) -> Callable[[], None]:
     """Two training steps (so that every-2-steps R-Drop is timed over its whole cycle)."""
     model, (args, kwargs), labels = _model_and_batch(task)
@@ -146,7 +136,7 @@ def _step(task: str, options: dict[str, Any] | None, precision: str) -> Callable
             with precision_context(precision):
                 if wrapped is None:
                     output = rdrop.extract_logits(model(*args, **kwargs))
-                    loss = _plain_loss(task, output, labels)
+                    loss = plain_task_loss(output, labels, spec)
                 else:
                     loss = wrapped(*args, target=labels, **kwargs).loss
                 loss.backward()
