@@ -323,6 +323,18 @@ def test_gain_kept_leaves_out_diverged_variant_seeds_and_a_full_rdrop_without_ga
     assert "— (full R-Drop did not gain)" in _cheaper_table(write_report(worse).read_text())
 
 
+def test_every_cell_of_a_cheaper_variant_row_counts_the_same_seeds(tmp_path: Path) -> None:
+    # The variant has seeds 0 and 1 but full R-Drop only seed 0, so the row counts seed 0
+    # alone: its crossing is seed 0's (40 s), not the two-seed crossing of 60 s.
+    store = ResultStore(tmp_path)
+    for r in [*BASE, RDROP[0], _variant(RDROP[0], 0, -0.03), _variant(RDROP[1], 1, -0.03)]:
+        store.write(r)
+    table = _cheaper_table(write_report(tmp_path).read_text())
+    row = next(line for line in table.splitlines() if line.startswith("| R-Drop α=1.0 branch@"))
+    assert row.startswith("| R-Drop α=1.0 branch@bert.encoder.layer.3 | 1 |")
+    assert row.rstrip(" |").endswith("| 40 s (4.0 baseline epochs)")
+
+
 def test_report_names_the_arithmetic_of_bf16_tasks(tmp_path: Path) -> None:
     store = ResultStore(tmp_path)
     for r in [*BASE, *RDROP]:

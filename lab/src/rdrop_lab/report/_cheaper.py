@@ -13,7 +13,6 @@ import math
 from rdrop_lab.report._convergence import (
     _table,
     _usable,
-    common_pairs,
     crossing_text,
     step_cost_text,
 )
@@ -26,21 +25,14 @@ def _full_rdrop_for(task: TaskRuns, variant: MethodRuns) -> MethodRuns | None:
     return next((g for g in task.groups if g.is_plain_rdrop and g.alpha == variant.alpha), None)
 
 
-def _crossing(task: TaskRuns, group: MethodRuns, base: MethodRuns) -> str:
-    treatment, control = common_pairs(_usable(group, task), _usable(base, task))
-    if not treatment:
-        return "—"
-    return crossing_text(task, treatment, control) or "never"
-
-
 def cheaper_variant_lines(task: TaskRuns, digits: int) -> list[str]:
     """The gain-kept table of a converged task's R-Drop variants (empty without any).
 
     Gain kept = ``mean(variant - baseline) / mean(full - baseline)`` of the converged test
     score (:func:`rdrop_lab.stats.gain_kept`), left out where full R-Drop did not gain;
     step cost = the counted seeds' mean seconds per step over the baseline's, crossing time as
-    in the time-to-quality tables. Only seeds where all three runs are usable (not
-    diverged, a finite validation score) count.
+    in the time-to-quality tables. Every cell of a row counts the same seeds: those where
+    all three runs are usable (not diverged, a finite validation score).
     """
     base = task.baseline
     variants = [g for g in task.groups if g.method == "rdrop" and g.variant]
@@ -80,7 +72,7 @@ def cheaper_variant_lines(task: TaskRuns, digits: int) -> list[str]:
                 format_signed(delta, digits),
                 kept_cell,
                 step_cost_text(*runs),
-                _crossing(task, group, base),
+                crossing_text(task, *runs) or "never",
             ]
         )
     if not compared:
