@@ -187,6 +187,39 @@ def test_beam_of_one_is_greedy() -> None:
     assert greedy == beam
 
 
+def test_incremental_decoding_gives_the_full_decoders_logits_at_every_position() -> None:
+    torch.manual_seed(5)
+    model = Seq2SeqTransformer(30, d_model=24, nhead=3, num_layers=2, dim_feedforward=40).eval()
+    src = torch.randint(3, 30, (4, 9))
+    src[1, 6:] = 0  # source padding
+    tgt = torch.randint(3, 30, (4, 7))
+    tgt[2, 4:] = 0  # a finished row, padded as greedy decoding pads it
+    with torch.no_grad():
+        expected = model(src, tgt)
+        cache = model.start_decoding(*model.encode(src))
+        steps = []
+        for t in range(tgt.shape[1]):
+            logits, cache = model.decode_next(tgt[:, t], cache)
+            steps.append(logits)
+    assert cache.length == 7
+    torch.testing.assert_close(torch.stack(steps, dim=1), expected, atol=1e-5, rtol=1e-5)
+    # Reordered rows (beam search's step) decode as those rows would.
+    rows = torch.tensor([3, 3, 0])
+    with torch.no_grad():
+        logits, _ = model.decode_next(torch.tensor([5, 6, 7]), cache.select(rows))
+        longer = torch.cat([tgt[rows], torch.tensor([[5], [6], [7]])], dim=1)
+        torch.testing.assert_close(logits, model(src[rows], longer)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_incremental_decoding_stops_at_max_positions() -> None:
+    model = Seq2SeqTransformer(10, d_model=8, nhead=2, num_layers=1, max_positions=3).eval()
+    cache = model.start_decoding(*model.encode(torch.randint(3, 10, (1, 3))))
+    for token in (1, 4, 5):
+        _, cache = model.decode_next(torch.tensor([token]), cache)
+    with pytest.raises(ValueError, match="past max_positions=3"):
+        model.decode_next(torch.tensor([6]), cache)
+
+
 def test_models_reject_sequences_longer_than_their_positions() -> None:
     lm = CausalTransformerLM(10, d_model=8, nhead=2, num_layers=1, max_positions=16)
     with pytest.raises(ValueError, match="input_ids has length 17 > max_positions=16"):
@@ -245,6 +278,37 @@ def test_tiny_translation_run(method: str, tmp_path: Path, monkeypatch) -> None:
     assert all(e["probe_kl"] >= 0 for e in record["evals"])
     losses = [point["task_loss"] for point in record["evals"]]
     assert losses[-1] < losses[0]
+
+
+@needs_data
+def test_translation_scores_do_not_depend_on_the_order_of_the_sentences() -> None:
+    import random
+
+    small = Multi30kTranslation(
+        vocab_size=200, d_model=32, nhead=2, num_layers=1, dim_feedforward=64, beam_size=2
+    )
+    data = small.load(DATA, 200, 40, 0)
+    torch.manual_seed(0)
+    model, collate = small.build(dropout=0.0, max_length=24, data=data)
+    pairs = data.train[:16]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(80):  # memorise the pairs, so that BLEU is far from 0
+        inputs, target = collate(pairs)
+        loss = torch.nn.functional.cross_entropy(
+            model(**inputs).flatten(0, 1), target.flatten(), ignore_index=small.ignore_index
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    shuffled = list(pairs)
+    random.Random(1).shuffle(shuffled)
+    for final in (False, True):
+        given, reordered = (
+            small.evaluate(model, e, collate, 5, final=final) for e in (pairs, shuffled)
+        )
+        # Hypotheses stay with their references: a mismatch would bring BLEU near 0.
+        assert given["bleu"] > 20 and given["bleu"] == reordered["bleu"]
+        assert given["loss"] == pytest.approx(reordered["loss"], rel=1e-6)
 
 
 @needs_data

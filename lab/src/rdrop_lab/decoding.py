@@ -7,7 +7,8 @@ length counts the EOS token). Each step ranks the ``2 * beam_size`` best extensi
 EOS among the top ``beam_size`` of them ends a hypothesis, the best non-EOS extensions
 (up to ``beam_size``) continue; a sentence is final once ``beam_size`` hypotheses have
 ended, and every hypothesis is cut at ``max_len_a * source_length + max_len_b`` tokens
-(the fairseq conventions).
+(the fairseq conventions). Both decode incrementally: each step runs the decoder on the
+newest token only, against cached keys and values (:meth:`Seq2SeqTransformer.decode_next`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rdrop_lab.models import Seq2SeqTransformer
+from rdrop_lab.models import DecoderCache, Seq2SeqTransformer
 
 __all__ = ["beam_search", "greedy_decode"]
 
@@ -26,13 +27,15 @@ def _max_lengths(src_ids: Tensor, pad_id: int, a: float, b: int, cap: int) -> li
 
 
 def _next_log_probs(
-    model: Seq2SeqTransformer, tokens: Tensor, memory: Tensor, src_pad: Tensor, bos_id: int
-) -> Tensor:
-    """Log-probabilities of the next token over the tokens that can be generated (padding
-    and BOS are masked before the softmax, so the distribution is renormalised)."""
-    logits = model.decode(tokens, memory, src_pad, last_only=True)[:, -1].float()
+    model: Seq2SeqTransformer, tokens: Tensor, cache: DecoderCache, bos_id: int
+) -> tuple[Tensor, DecoderCache]:
+    """Log-probabilities of the token after ``tokens`` ``[B]`` over the tokens that can be
+    generated (padding and BOS are masked before the softmax, so the distribution is
+    renormalised), by incremental decoding; and the cache with ``tokens`` in it."""
+    logits, cache = model.decode_next(tokens, cache)
+    logits = logits.float()
     logits[:, [model.pad_id, bos_id]] = float("-inf")
-    return logits.log_softmax(dim=-1)
+    return logits.log_softmax(dim=-1), cache
 
 
 def _strip(tokens: list[int], eos_id: int) -> list[int]:
@@ -50,13 +53,14 @@ def greedy_decode(
     max_len_b: int = 10,
 ) -> list[list[int]]:
     """The most likely next token at each step, for a batch ``src_ids`` ``[B, S]``."""
-    memory, src_pad = model.encode(src_ids)
+    cache = model.start_decoding(*model.encode(src_ids))
     limits = _max_lengths(src_ids, model.pad_id, max_len_a, max_len_b, model.max_positions - 1)
     batch = src_ids.shape[0]
     tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=src_ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=src_ids.device)
     for _ in range(max(limits)):
-        next_token = _next_log_probs(model, tokens, memory, src_pad, bos_id).argmax(dim=-1)
+        log_probs, cache = _next_log_probs(model, tokens[:, -1], cache, bos_id)
+        next_token = log_probs.argmax(dim=-1)
         next_token = torch.where(done, torch.full_like(next_token, model.pad_id), next_token)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         done |= next_token == eos_id
@@ -84,7 +88,7 @@ def beam_search(
 
     Example:
         >>> import torch
-        >>> from rdrop_lab.models import Seq2SeqTransformer
+        >>> from rdrop_lab.models import DecoderCache, Seq2SeqTransformer
         >>> _ = torch.manual_seed(0)
         >>> model = Seq2SeqTransformer(20, d_model=16, nhead=2, num_layers=1,
         ...                            dim_feedforward=32).eval()
@@ -97,8 +101,7 @@ def beam_search(
     batch, k = src_ids.shape[0], beam_size
     limits = _max_lengths(src_ids, model.pad_id, max_len_a, max_len_b, model.max_positions - 1)
     memory, src_pad = model.encode(src_ids)
-    memory = memory.repeat_interleave(k, dim=0)
-    src_pad = src_pad.repeat_interleave(k, dim=0)
+    cache = model.start_decoding(memory.repeat_interleave(k, 0), src_pad.repeat_interleave(k, 0))
     tokens = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=src_ids.device)
     scores = torch.full((batch, k), float("-inf"), device=src_ids.device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the top-k are distinct
@@ -106,7 +109,7 @@ def beam_search(
     active = [True] * batch
 
     for step in range(1, max(limits) + 1):
-        log_probs = _next_log_probs(model, tokens, memory, src_pad, bos_id)
+        log_probs, cache = _next_log_probs(model, tokens[:, -1], cache, bos_id)
         vocab = log_probs.shape[-1]
         candidates = (scores[:, :, None] + log_probs.view(batch, k, vocab)).view(batch, -1)
         top_scores, top_index = candidates.topk(min(2 * k, candidates.shape[1]), dim=1)
@@ -147,6 +150,7 @@ def beam_search(
         rows = torch.tensor(next_rows, device=src_ids.device)
         new_tokens = torch.tensor(next_tokens, device=src_ids.device)[:, None]
         tokens = torch.cat([tokens[rows], new_tokens], dim=1)
+        cache = cache.select(rows)
         scores = torch.tensor(next_scores, device=src_ids.device).view(batch, k)
 
     return [max(hyps, key=lambda h: h[0])[1] if hyps else [] for hyps in finished]

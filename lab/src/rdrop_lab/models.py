@@ -13,11 +13,13 @@ plain dict of ``[B, T]`` id tensors, which :class:`rdrop.RDrop` duplicates consi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-__all__ = ["CausalTransformerLM", "Seq2SeqTransformer", "count_parameters"]
+__all__ = ["CausalTransformerLM", "DecoderCache", "Seq2SeqTransformer", "count_parameters"]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -53,6 +55,65 @@ def _check_length(ids: Tensor, max_positions: int, name: str) -> None:
             f"{name} has length {ids.shape[1]} > max_positions={max_positions}; truncate "
             "the inputs or build the model with a larger max_positions"
         )
+
+
+def _heads(attention: nn.MultiheadAttention, x: Tensor, part: int) -> Tensor:
+    """The query (``part`` 0), key (1) or value (2) projection of ``x`` ``[B, T, d]`` by
+    ``attention``'s packed input weights, split into heads: ``[B, H, T, d / H]``."""
+    d = attention.embed_dim
+    weight = attention.in_proj_weight[part * d : (part + 1) * d]
+    bias = (
+        None
+        if attention.in_proj_bias is None
+        else attention.in_proj_bias[part * d : (part + 1) * d]
+    )
+    batch, length, _ = x.shape
+    heads = attention.num_heads
+    return F.linear(x, weight, bias).view(batch, length, heads, d // heads).transpose(1, 2)
+
+
+def _attend(
+    attention: nn.MultiheadAttention, query: Tensor, keys: Tensor, values: Tensor, keep: Tensor
+) -> Tensor:
+    """``softmax(q kᵀ / √(d/H)) v`` over the keys where ``keep`` ``[B, 1, 1, S]`` is
+    ``True``, heads merged and through ``attention``'s output projection: ``[B, 1, d]``."""
+    mixed = F.scaled_dot_product_attention(query, keys, values, attn_mask=keep)
+    batch, _, length, _ = mixed.shape
+    return attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, attention.embed_dim))
+
+
+@dataclass(frozen=True)
+class DecoderCache:
+    """What :meth:`Seq2SeqTransformer.decode_next` keeps between steps, per decoder layer:
+    the self-attention keys and values of every target position so far and the
+    cross-attention keys and values of the encoder states (each ``[B, H, length, d / H]``),
+    and which target and source positions are real tokens (``[B, 1, 1, length]``).
+
+    :meth:`select` reorders or repeats its rows, as beam search does with its beams.
+    """
+
+    self_keys: tuple[Tensor, ...]
+    self_values: tuple[Tensor, ...]
+    memory_keys: tuple[Tensor, ...]
+    memory_values: tuple[Tensor, ...]
+    target_keep: Tensor
+    source_keep: Tensor
+
+    @property
+    def length(self) -> int:
+        """The number of target positions decoded so far."""
+        return self.target_keep.shape[-1]
+
+    def select(self, rows: Tensor) -> DecoderCache:
+        """The cache of the batch rows ``rows`` (a 1-D index tensor), in that order."""
+        return DecoderCache(
+            *(tuple(t.index_select(0, rows) for t in tensors) for tensors in self._per_layer()),
+            self.target_keep.index_select(0, rows),
+            self.source_keep.index_select(0, rows),
+        )
+
+    def _per_layer(self) -> tuple[tuple[Tensor, ...], ...]:
+        return self.self_keys, self.self_values, self.memory_keys, self.memory_values
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -116,6 +177,11 @@ class Seq2SeqTransformer(nn.Module):
         x = self.embedding(ids) * math.sqrt(self.d_model) + self.positions[: ids.shape[1]]
         return self.dropout(x)
 
+    def _embed_at(self, tokens: Tensor, position: int) -> Tensor:
+        """:meth:`_embed` of one token per row ``[B]`` at target position ``position``."""
+        x = self.embedding(tokens[:, None]) * math.sqrt(self.d_model) + self.positions[position]
+        return self.dropout(x)
+
     def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Encoder states ``[B, S, d]`` and the source padding mask (``True`` = pad)."""
         _check_length(src_ids, self.max_positions, "src_ids")
@@ -123,11 +189,8 @@ class Seq2SeqTransformer(nn.Module):
         memory = self.transformer.encoder(self._embed(src_ids), src_key_padding_mask=src_pad)
         return memory, src_pad
 
-    def decode(
-        self, tgt_ids: Tensor, memory: Tensor, src_pad: Tensor, *, last_only: bool = False
-    ) -> Tensor:
-        """Next-token logits ``[B, T, V]`` for decoder inputs ``tgt_ids`` given the encoding
-        (``[B, 1, V]`` for the last position only with ``last_only``, as decoding needs)."""
+    def decode(self, tgt_ids: Tensor, memory: Tensor, src_pad: Tensor) -> Tensor:
+        """Next-token logits ``[B, T, V]`` for decoder inputs ``tgt_ids`` given the encoding."""
         _check_length(tgt_ids, self.max_positions, "tgt_ids")
         length = tgt_ids.shape[1]
         causal = _causal_mask(length, tgt_ids.device)
@@ -139,9 +202,79 @@ class Seq2SeqTransformer(nn.Module):
             tgt_key_padding_mask=tgt_ids == self.pad_id,
             memory_key_padding_mask=src_pad,
         )
-        if last_only:
-            hidden = hidden[:, -1:]
         return hidden @ self.embedding.weight.T
+
+    def start_decoding(self, memory: Tensor, src_pad: Tensor) -> DecoderCache:
+        """An empty :class:`DecoderCache` for the encoding ``memory, src_pad`` of
+        :meth:`encode`: each layer's cross-attention keys and values, computed once."""
+        layers = self.transformer.decoder.layers
+        batch, d = memory.shape[0], self.d_model
+        heads = layers[0].self_attn.num_heads
+        empty = memory.new_zeros(batch, heads, 0, d // heads)
+        return DecoderCache(
+            self_keys=(empty,) * len(layers),
+            self_values=(empty,) * len(layers),
+            memory_keys=tuple(_heads(layer.multihead_attn, memory, 1) for layer in layers),
+            memory_values=tuple(_heads(layer.multihead_attn, memory, 2) for layer in layers),
+            target_keep=torch.ones(batch, 1, 1, 0, dtype=torch.bool, device=memory.device),
+            source_keep=~src_pad[:, None, None, :],
+        )
+
+    def decode_next(self, tokens: Tensor, cache: DecoderCache) -> tuple[Tensor, DecoderCache]:
+        """Incremental decoding: the next-token logits ``[B, V]`` after appending ``tokens``
+        ``[B]`` to the target positions in ``cache``, and the cache with them.
+
+        Feeding a sequence one token at a time gives the logits :meth:`decode` gives for the
+        whole sequence (up to float rounding), at one position's cost per step instead of
+        the whole prefix's.
+
+        Example:
+            >>> import torch
+            >>> model = Seq2SeqTransformer(50, d_model=32, nhead=2, num_layers=1,
+            ...                            dim_feedforward=64).eval()
+            >>> src, tgt = torch.randint(3, 50, (2, 7)), torch.randint(3, 50, (2, 5))
+            >>> cache = model.start_decoding(*model.encode(src))
+            >>> for t in range(5):
+            ...     logits, cache = model.decode_next(tgt[:, t], cache)
+            >>> torch.allclose(logits, model(src, tgt)[:, -1], atol=1e-5)
+            True
+        """
+        if cache.length >= self.max_positions:
+            raise ValueError(
+                f"cannot decode past max_positions={self.max_positions} target positions"
+            )
+        x = self._embed_at(tokens, cache.length)
+        target_keep = torch.cat(
+            [cache.target_keep, (tokens != self.pad_id)[:, None, None, None]], -1
+        )
+        keys, values = [], []
+        for i, layer in enumerate(self.transformer.decoder.layers):
+            h = layer.norm1(x)
+            keys.append(torch.cat([cache.self_keys[i], _heads(layer.self_attn, h, 1)], dim=2))
+            values.append(torch.cat([cache.self_values[i], _heads(layer.self_attn, h, 2)], dim=2))
+            query = _heads(layer.self_attn, h, 0)
+            x = x + layer.dropout1(_attend(layer.self_attn, query, keys[i], values[i], target_keep))
+            query = _heads(layer.multihead_attn, layer.norm2(x), 0)
+            x = x + layer.dropout2(
+                _attend(
+                    layer.multihead_attn,
+                    query,
+                    cache.memory_keys[i],
+                    cache.memory_values[i],
+                    cache.source_keep,
+                )
+            )
+            h = layer.norm3(x)
+            x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(h)))))
+        hidden = self.transformer.decoder.norm(x)[:, 0]
+        return hidden @ self.embedding.weight.T, DecoderCache(
+            tuple(keys),
+            tuple(values),
+            cache.memory_keys,
+            cache.memory_values,
+            target_keep,
+            cache.source_keep,
+        )
 
     def forward(self, src_ids: Tensor, tgt_ids: Tensor) -> Tensor:
         memory, src_pad = self.encode(src_ids)
