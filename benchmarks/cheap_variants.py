@@ -11,7 +11,10 @@ batch), branching at encoder layers 3 and 5 and at the classifier's dropout, and
 ``results/cheap_variants_mrpc.md``. ``--task multi30k`` times the Multi30k translation
 Transformer of the translation suites on 64 real training pairs (label smoothing 0.1,
 padding ignored), branching at the decoder (the encoder runs once) and at its second and
-third layers, and writes ``results/cheap_variants_multi30k.md``. ``--precision bf16``
+third layers, and writes ``results/cheap_variants_multi30k.md``. ``--task shakespeare``
+times the tinyshakespeare character model of ``configs/converged/language_model.toml`` (16
+blocks of 64 characters), branching at its second and third (last) layers, and writes
+``results/cheap_variants_shakespeare.md``. ``--precision bf16``
 times every step as the lab's bf16 runs train (``rdrop_lab.precision``: bfloat16 autocast,
 the output layer in float32; GLUE only) and adds ``_bf16`` to the file name.
 """
@@ -74,6 +77,17 @@ TASKS: dict[str, dict[str, Any]] = {
             }
         ),
     },
+    "shakespeare": {
+        "title": "tinyshakespeare character Transformer LM, batch 16 x 64 characters",
+        "alpha": 3.0,
+        "file": "cheap_variants_shakespeare",
+        "variants": _variants(
+            {
+                "branch_at='blocks.layers.1' (upper 2 of 3 layers)": "blocks.layers.1",
+                "branch_at='blocks.layers.2' (last layer)": "blocks.layers.2",
+            }
+        ),
+    },
     "multi30k": {
         "title": "Multi30k translation Transformer, batch 64",
         "alpha": 5.0,
@@ -101,9 +115,12 @@ def _model_and_batch(task: str) -> tuple[torch.nn.Module, Inputs, torch.Tensor]:
         images = torch.randn(128, 1, 28, 28, generator=g)
         return model.train(), ((images,), {}), torch.randint(0, 10, (128,), generator=g)
     text_task = get_task(task)
-    batch, max_length = (64, 64) if task == "multi30k" else (16, 128)
-    train_size = 10_000 if task == "multi30k" else 16  # the suites' vocabulary for Multi30k
-    data = text_task.load(default_data_dir(), train_size, 16, 0)
+    # The converged suites' batches; Multi30k's vocabulary is fitted on its 10,000 pairs.
+    batch, max_length, train_size = {
+        "multi30k": (64, 64, 10_000),
+        "shakespeare": (16, 64, 300),
+    }.get(task, (16, 128, 16))
+    data = text_task.load(default_data_dir(), train_size, 16, 0, max_length=max_length)
     model, collate = text_task.build(dropout=None, max_length=max_length, data=data)
     features, labels = collate(data.train[:batch])
     return model.train(), ((), features), labels
