@@ -306,8 +306,10 @@ def test_translation_scores_do_not_depend_on_the_order_of_the_sentences() -> Non
         given, reordered = (
             small.evaluate(model, e, collate, 5, final=final) for e in (pairs, shuffled)
         )
-        # Hypotheses stay with their references: a mismatch would bring BLEU near 0.
-        assert given["bleu"] > 20 and given["bleu"] == reordered["bleu"]
+        # Hypotheses stay with their references: a mismatch would bring BLEU near 0. (Equal
+        # length sources keep their given order, so the batches, and float rounding, differ.)
+        assert given["bleu"] > 20
+        assert given["bleu"] == pytest.approx(reordered["bleu"], rel=0.02)
         assert given["loss"] == pytest.approx(reordered["loss"], rel=1e-6)
 
 

@@ -13,7 +13,7 @@ plain dict of ``[B, T]`` id tensors, which :class:`rdrop.RDrop` duplicates consi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -76,8 +76,10 @@ def _attend(
     attention: nn.MultiheadAttention, query: Tensor, keys: Tensor, values: Tensor, keep: Tensor
 ) -> Tensor:
     """``softmax(q kᵀ / √(d/H)) v`` over the keys where ``keep`` ``[B, 1, 1, S]`` is
-    ``True``, heads merged and through ``attention``'s output projection: ``[B, 1, d]``."""
-    mixed = F.scaled_dot_product_attention(query, keys, values, attn_mask=keep)
+    ``True`` (with ``attention``'s dropout on the weights in training mode), heads merged
+    and through ``attention``'s output projection: ``[B, 1, d]``."""
+    dropout = attention.dropout if attention.training else 0.0
+    mixed = F.scaled_dot_product_attention(query, keys, values, attn_mask=keep, dropout_p=dropout)
     batch, _, length, _ = mixed.shape
     return attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, attention.embed_dim))
 
@@ -113,6 +115,7 @@ class DecoderCache:
         )
 
     def _per_layer(self) -> tuple[tuple[Tensor, ...], ...]:
+        """The per-layer fields, in the order of the constructor's arguments."""
         return self.self_keys, self.self_values, self.memory_keys, self.memory_values
 
 
@@ -208,9 +211,9 @@ class Seq2SeqTransformer(nn.Module):
         """An empty :class:`DecoderCache` for the encoding ``memory, src_pad`` of
         :meth:`encode`: each layer's cross-attention keys and values, computed once."""
         layers = self.transformer.decoder.layers
-        batch, d = memory.shape[0], self.d_model
-        heads = layers[0].self_attn.num_heads
-        empty = memory.new_zeros(batch, heads, 0, d // heads)
+        batch = memory.shape[0]
+        # No target positions yet, in the dtype the projections produce (bf16 under autocast).
+        empty = _heads(layers[0].self_attn, memory[:, :0], 1)
         return DecoderCache(
             self_keys=(empty,) * len(layers),
             self_values=(empty,) * len(layers),
@@ -267,14 +270,10 @@ class Seq2SeqTransformer(nn.Module):
             h = layer.norm3(x)
             x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(h)))))
         hidden = self.transformer.decoder.norm(x)[:, 0]
-        return hidden @ self.embedding.weight.T, DecoderCache(
-            tuple(keys),
-            tuple(values),
-            cache.memory_keys,
-            cache.memory_values,
-            target_keep,
-            cache.source_keep,
+        grown = replace(
+            cache, self_keys=tuple(keys), self_values=tuple(values), target_keep=target_keep
         )
+        return hidden @ self.embedding.weight.T, grown
 
     def forward(self, src_ids: Tensor, tgt_ids: Tensor) -> Tensor:
         memory, src_pad = self.encode(src_ids)

@@ -305,6 +305,10 @@ class TranslationCollator:
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids[: self.max_length] for e in self.tokenizer.encode_batch(texts)]
 
+    def source_lengths(self, examples: Sequence[Example]) -> list[int]:
+        """The number of subword tokens of each source sentence, as cut to ``max_length``."""
+        return [len(ids) for ids in self._encode([e.texts[0] for e in examples])]
+
     def __call__(self, batch: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         sources = self._encode([e.texts[0] for e in batch])
         targets = self._encode([e.texts[1] for e in batch])
@@ -315,8 +319,9 @@ class TranslationCollator:
 
 
 def _shortest_first(examples: Sequence[Example], collate: TranslationCollator) -> list[int]:
-    """The indices of ``examples`` by source length in subword tokens (stable)."""
-    lengths = [len(ids) for ids in collate._encode([e.texts[0] for e in examples])]
+    """The indices of ``examples`` by source length in subword tokens (stable). Not
+    :meth:`Task.evaluation_order`: the lengths need the collator's tokenizer."""
+    lengths = collate.source_lengths(examples)
     return sorted(range(len(examples)), key=lengths.__getitem__)
 
 
