@@ -1,7 +1,8 @@
 """Small Transformers for the sequence tasks, built from ``torch.nn`` modules.
 
 * :class:`Seq2SeqTransformer`: encoder–decoder for translation (pre-norm, shared source /
-  target embedding tied to the output projection, sinusoidal positions).
+  target embedding tied to the output projection, sinusoidal positions), with incremental
+  decoding against a :class:`DecoderCache` of attention keys and values.
 * :class:`CausalTransformerLM`: decoder-only language model (pre-norm, learned positions,
   tied output projection).
 
