@@ -88,7 +88,7 @@ def beam_search(
 
     Example:
         >>> import torch
-        >>> from rdrop_lab.models import DecoderCache, Seq2SeqTransformer
+        >>> from rdrop_lab.models import Seq2SeqTransformer
         >>> _ = torch.manual_seed(0)
         >>> model = Seq2SeqTransformer(20, d_model=16, nhead=2, num_layers=1,
         ...                            dim_feedforward=32).eval()

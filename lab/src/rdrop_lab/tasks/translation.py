@@ -262,7 +262,7 @@ class Multi30kTranslation(Task):
             )
         tokenizer = collate.tokenizer
         # Shortest sources first: each batch pads less and decodes for fewer steps. BLEU and
-        # the summed NLL do not depend on the order.
+        # the summed NLL do not depend on the order (the NLL up to float rounding).
         examples = [examples[i] for i in _shortest_first(examples, collate)]
         was_training = model.training
         model.eval()
