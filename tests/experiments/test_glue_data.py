@@ -76,9 +76,9 @@ def test_evaluation_batches_by_token_length_and_scores_the_same(
 
     task = TASKS["mrpc"]
     examples = task.load(DATA, 10, 40, 0).validation
-    order = task.evaluation_order(examples)
-    assert sorted(order) == list(range(len(examples))) and order != sorted(order)
     model, collate = task.build(dropout=None, max_length=128)
+    order = task.evaluation_order(examples, collate)
+    assert sorted(order) == list(range(len(examples))) and order != sorted(order)
     lengths = [collate([examples[i]])[0]["input_ids"].shape[1] for i in order]
     assert lengths == sorted(lengths)  # shortest first, in the model's tokens
     by_length = task.evaluate(model, examples, collate, 8)

@@ -193,7 +193,7 @@ class Task(ABC):
 
         was_training = model.training
         model.eval()
-        examples = [examples[i] for i in self.evaluation_order(examples)]
+        examples = [examples[i] for i in self.evaluation_order(examples, collate)]
         predictions, labels = [], []
         for start in range(0, len(examples), batch_size):
             inputs, target = collate(examples[start : start + batch_size])
@@ -204,10 +204,10 @@ class Task(ABC):
         model.train(was_training)
         return metrics.compute(self.metrics, np.concatenate(predictions), np.concatenate(labels))
 
-    def evaluation_order(self, examples: Sequence[Example]) -> list[int]:
-        """The order in which :meth:`evaluate` batches ``examples`` (its metrics do not
-        depend on it): as given. Tasks with inputs of varying length sort them by length,
-        so that each batch pads less."""
+    def evaluation_order(self, examples: Sequence[Example], collate: Collator) -> list[int]:
+        """The order in which :meth:`evaluate` batches ``examples`` for ``collate`` (its
+        metrics do not depend on it): as given. Tasks with inputs of varying length sort
+        them by length, so that each batch pads less."""
         return list(range(len(examples)))
 
     def describe(self) -> dict[str, Any]:

@@ -160,7 +160,7 @@ class GlueTask(Task):
 
         return model, collate
 
-    def evaluation_order(self, examples: Sequence[Example]) -> list[int]:
+    def evaluation_order(self, examples: Sequence[Example], collate: Collator) -> list[int]:
         """Shortest first, in MiniLM tokens: batches of 64 then pad 0.45-0.73 times as many
         tokens as in the files' order on GLUE's validation and test splits."""
         if not examples:

@@ -241,6 +241,13 @@ class Multi30kTranslation(Task):
         data.info["parameters"] = count_parameters(model)
         return model, TranslationCollator(tokenizer, max_length, self.ignore_index)
 
+    def evaluation_order(self, examples: Sequence[Example], collate: Collator) -> list[int]:
+        """Shortest source first, in subword tokens: each batch pads less and decodes for
+        fewer steps. BLEU and the summed NLL do not depend on the order (the NLL up to
+        float rounding)."""
+        lengths = _translation_collator(collate).source_lengths(examples)
+        return sorted(range(len(examples)), key=lengths.__getitem__)
+
     @torch.no_grad()
     def evaluate(
         self,
@@ -256,14 +263,9 @@ class Multi30kTranslation(Task):
 
         if not isinstance(model, Seq2SeqTransformer):
             raise TypeError(f"expected a Seq2SeqTransformer, got {type(model).__name__}")
-        if not isinstance(collate, TranslationCollator):
-            raise TypeError(
-                f"expected the task's TranslationCollator, got {type(collate).__name__}"
-            )
+        collate = _translation_collator(collate)
         tokenizer = collate.tokenizer
-        # Shortest sources first: each batch pads less and decodes for fewer steps. BLEU and
-        # the summed NLL do not depend on the order (the NLL up to float rounding).
-        examples = [examples[i] for i in _shortest_first(examples, collate)]
+        examples = [examples[i] for i in self.evaluation_order(examples, collate)]
         was_training = model.training
         model.eval()
         hypotheses: list[str] = []
@@ -318,11 +320,10 @@ class TranslationCollator:
         return {"src_ids": src, "tgt_ids": tgt_in}, target
 
 
-def _shortest_first(examples: Sequence[Example], collate: TranslationCollator) -> list[int]:
-    """The indices of ``examples`` by source length in subword tokens (stable). Not
-    :meth:`Task.evaluation_order`: the lengths need the collator's tokenizer."""
-    lengths = collate.source_lengths(examples)
-    return sorted(range(len(examples)), key=lengths.__getitem__)
+def _translation_collator(collate: Collator) -> TranslationCollator:
+    if not isinstance(collate, TranslationCollator):
+        raise TypeError(f"expected the task's TranslationCollator, got {type(collate).__name__}")
+    return collate
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
