@@ -243,8 +243,9 @@ class Multi30kTranslation(Task):
 
     def evaluation_order(self, examples: Sequence[Example], collate: Collator) -> list[int]:
         """Shortest source first, in subword tokens: each batch pads less and decodes for
-        fewer steps. BLEU and the summed NLL do not depend on the order (the NLL up to
-        float rounding)."""
+        fewer steps. BLEU and the summed NLL do not depend on the order, up to float
+        rounding: a sentence decoded in a batch of different padding can differ in its
+        logits by about 1e-6, enough to flip a near-tie between two tokens."""
         lengths = _translation_collator(collate).source_lengths(examples)
         return sorted(range(len(examples)), key=lengths.__getitem__)
 
