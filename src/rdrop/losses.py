@@ -149,7 +149,11 @@ def _check_finite(out: RDropOutput, passes: Sequence[Tensor]) -> None:
         "task_loss": out.task_loss,
         "consistency_loss": out.consistency_loss,
     }
-    bad = [f"{name}={float(value)}" for name, value in parts.items() if not torch.isfinite(value)]
+    bad = [
+        f"{name}={float(value.detach())}"
+        for name, value in parts.items()
+        if not torch.isfinite(value)
+    ]
     where = [
         f"pass {i}: {int((~torch.isfinite(p)).sum())} non-finite of {p.numel()} values"
         for i, p in enumerate(passes)
@@ -157,7 +161,7 @@ def _check_finite(out: RDropOutput, passes: Sequence[Tensor]) -> None:
     ]
     raise NonFiniteLossError(
         "R-Drop loss is not finite: "
-        + (", ".join(bad) or f"loss={float(out.loss)}")
+        + (", ".join(bad) or f"loss={float(out.loss.detach())}")
         + (
             "; model outputs: " + "; ".join(where)
             if where
