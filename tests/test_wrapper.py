@@ -286,6 +286,45 @@ def test_unlabeled_step() -> None:
     out.loss.backward()
 
 
+def test_unlabeled_calls_keep_their_own_step_count() -> None:
+    # One labeled and one unlabeled call per iteration: with every_k_steps=2 both terms
+    # apply on iterations 0, 2, ... and a warm-up ramps both alphas at the same rate.
+    wrapped = rdrop.RDrop(mlp(), alpha=rdrop.linear_warmup(3.0, 3), every_k_steps=2)
+    x, y = data()
+    labeled, unlabeled = [], []
+    for _ in range(4):
+        labeled.append(wrapped(x, target=y))
+        unlabeled.append(wrapped.unlabeled(x))
+    assert [o.consistency_loss.item() > 0 for o in labeled] == [True, False, True, False]
+    assert [o.consistency_loss.item() > 0 for o in unlabeled] == [True, False, True, False]
+    assert [o.alpha for o in unlabeled] == [o.alpha for o in labeled] == [1.0, 2.0, 3.0, 3.0]
+    assert (wrapped.step, wrapped.unlabeled_step) == (4, 4)
+    fresh = rdrop.RDrop(mlp(), alpha=1.0)
+    fresh.load_state_dict(wrapped.state_dict())
+    assert (fresh.step, fresh.unlabeled_step) == (4, 4)
+
+
+def test_flags_and_logits_key_are_checked_when_the_wrapper_is_built() -> None:
+    for name in ("stop_gradient", "warn", "check_finite"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got str 'False'"):
+            rdrop.RDrop(mlp(), **{name: "False"})
+    with pytest.raises(TypeError, match="check_finite must be a bool, got int"):
+        rdrop.RDropLoss(check_finite=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="logits_key must be None, a str, an int or a callable"):
+        rdrop.RDrop(mlp(), logits_key=1.5)  # type: ignore[arg-type]
+
+
+def test_numpy_numbers_are_accepted_like_python_numbers() -> None:
+    np = pytest.importorskip("numpy")
+    wrapped = rdrop.RDrop(mlp(), alpha=np.float32(0.5), num_passes=np.int64(3))
+    assert wrapped.num_passes == 3 and type(wrapped.num_passes) is int
+    assert wrapped.current_alpha() == 0.5
+    x, y = data()
+    assert torch.isfinite(wrapped(x, target=y).loss)
+    with pytest.raises(TypeError, match="num_passes must be an int, got float64"):
+        rdrop.RDrop(mlp(), num_passes=np.float64(3))
+
+
 def test_training_reduces_loss() -> None:
     torch.manual_seed(0)
     x = torch.randn(128, 8)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 __all__ = [
     "LogitsGetter",
+    "check_logits_key",
     "extract_logits",
     "find_batch_size",
     "repeat_batch",
@@ -78,6 +79,18 @@ def repeat_batch(obj: Any, batch_size: int, times: int) -> Any:
     return obj
 
 
+def check_logits_key(getter: Any) -> LogitsGetter:
+    """``getter`` if it is a valid ``logits_key`` (``None``, a str, an int or a callable),
+    else a ``TypeError``: found when the wrapper is built, not at its first forward."""
+    if getter is None or isinstance(getter, str) or callable(getter):
+        return getter
+    if isinstance(getter, int) and not isinstance(getter, bool):
+        return getter
+    raise TypeError(
+        f"logits_key must be None, a str, an int or a callable, got {type(getter).__name__}"
+    )
+
+
 def extract_logits(output: Any, getter: LogitsGetter = None) -> Tensor:
     """Find the logits tensor in a model output, by the rule of :class:`rdrop.RDrop`'s
     ``logits_key``.
@@ -107,6 +120,7 @@ def extract_logits(output: Any, getter: LogitsGetter = None) -> Tensor:
         ValueError: naming ``logits_key`` when nothing (or no tensor) is found there.
         TypeError: when ``getter`` is of another type.
     """
+    getter = check_logits_key(getter)
     if callable(getter):
         found = getter(output)
     elif isinstance(getter, str):
@@ -127,7 +141,7 @@ def extract_logits(output: Any, getter: LogitsGetter = None) -> Tensor:
                 "not a tuple/list long enough to index"
             )
         found = output[getter]
-    elif getter is None:
+    else:  # None: the automatic rule
         if isinstance(output, Tensor):
             found = output
         elif isinstance(output, Mapping) and "logits" in output:
@@ -143,10 +157,6 @@ def extract_logits(output: Any, getter: LogitsGetter = None) -> Tensor:
                 "with a .logits attribute; pass logits_key= (a key, attribute name, tuple "
                 "index or a callable)"
             )
-    else:
-        raise TypeError(
-            f"logits_key must be None, a str, an int or a callable, got {type(getter).__name__}"
-        )
     if not isinstance(found, Tensor):
         raise ValueError(
             f"the logits found in the model output (logits_key={getter!r}) are a "

@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+from numbers import Integral, Real
 from typing import Any
 
 import torch
 from torch import Tensor
 
 
+def is_real_number(value: Any) -> bool:
+    """A real number, NumPy's included, that is not a ``bool``."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
 def check_int(name: str, value: Any, minimum: int, meaning: str = "") -> int:
-    """``value`` as an int ``>= minimum``: ``TypeError`` for a non-int (``bool`` included),
-    ``ValueError`` below ``minimum``; ``meaning`` is appended to the range error.
+    """``value`` as an int ``>= minimum``: ``TypeError`` for a non-integer (``bool``
+    included; NumPy integers are accepted), ``ValueError`` below ``minimum``; ``meaning``
+    is appended to the range error.
 
     Example:
         >>> check_int("num_passes", 3, 2)
         3
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}{meaning}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a ``bool``, else a ``TypeError`` naming ``name``: a string such
+    as ``"False"`` is truthy and would silently mean ``True``.
+
+    Example:
+        >>> check_bool("stop_gradient", False)
+        False
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -30,7 +51,7 @@ def check_label_smoothing(value: Any) -> float:
         >>> check_label_smoothing(0.1)
         0.1
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real_number(value):
         raise TypeError(f"label_smoothing must be a float, got {type(value).__name__}")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {value}")
@@ -45,7 +66,7 @@ def check_alpha(alpha: Any) -> float:
         >>> check_alpha(5)
         5.0
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if not is_real_number(alpha):
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     alpha = float(alpha)
     if not alpha >= 0.0 or alpha == float("inf"):  # also rejects NaN

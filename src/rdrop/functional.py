@@ -212,7 +212,7 @@ def symmetric_kl(
         per_item = symmetric_kl_reference(logits_a, logits_b, _kept(mask, dead), "none")
         return _reduce(_infinite_where(per_item, one_sided), mask, reduction)
     if chunk_size is not None:
-        check_int("chunk_size", chunk_size, 1)
+        chunk_size = check_int("chunk_size", chunk_size, 1)
     # The C++ row kernel first (no pre-pass over the logits); None when it does not apply.
     per_item = direct_symmetric_kl(logits_a, logits_b, mask) if chunk_size is None else None
     if per_item is None:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from rdrop._checks import (
     check_alpha,
+    check_bool,
     check_class_ids,
     check_int,
     check_label_smoothing,
@@ -435,7 +436,7 @@ class RDropLoss(nn.Module):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
-        self.check_finite = check_finite
+        self.check_finite = check_bool("check_finite", check_finite)
         if implementation not in _IMPLEMENTATIONS:
             raise ValueError(
                 f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}"

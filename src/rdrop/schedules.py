@@ -25,7 +25,7 @@ class LinearWarmup:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
-        check_int("warmup_steps", self.warmup_steps, 1)
+        object.__setattr__(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, 1))
 
     def __call__(self, step: int) -> float:
         return self.alpha * min(1.0, (step + 1) / self.warmup_steps)
@@ -62,7 +62,8 @@ class ConsistencySchedule:
     def __post_init__(self) -> None:
         if not callable(self.alpha):
             object.__setattr__(self, "alpha", check_alpha(self.alpha))
-        check_int("every_k_steps", self.every_k_steps, 1)
+        every_k_steps = check_int("every_k_steps", self.every_k_steps, 1)
+        object.__setattr__(self, "every_k_steps", every_k_steps)
 
     def alpha_at(self, step: int) -> float:
         """Alpha at ``step`` (a schedule's value is checked: finite and ``>= 0``)."""

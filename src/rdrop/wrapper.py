@@ -10,10 +10,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rdrop._batch import LogitsGetter, extract_logits, find_batch_size
+from rdrop._batch import LogitsGetter, check_logits_key, extract_logits, find_batch_size
 from rdrop._branch import resolve_branch
-from rdrop._checks import check_alpha, check_int
+from rdrop._checks import check_alpha, check_bool, check_int, is_real_number
 from rdrop._dropout import active_dropout_modules, dropout_rate, training_batchnorm_modules
+from rdrop._fused_kernel import concatenated_base
 from rdrop._output_layer import output_layer_bypassed, resolve_output_layer
 from rdrop._passes import forward_passes
 from rdrop.functional import ConsistencyKind
@@ -66,12 +67,14 @@ class RDrop(nn.Module):
     Args:
         model: any ``nn.Module`` with dropout.
         alpha: consistency weight ``>= 0`` (the paper's alpha; default 1.0, or the
-            ``loss``'s alpha), or a callable ``step -> alpha`` (e.g.
-            :func:`rdrop.linear_warmup`); ``step`` counts training calls from 0 and is
-            saved in the state dict. Under gradient accumulation a call is a micro-batch:
-            give schedule lengths and ``every_k_steps`` in micro-batches (or set
-            ``wrapped.step`` yourself). :class:`rdrop.integrations.hf.RDropTrainerMixin`
-            counts optimizer steps instead.
+            ``loss``'s alpha, which an ``alpha`` given next to ``loss=`` replaces), or a
+            callable ``step -> alpha`` (e.g. :func:`rdrop.linear_warmup`); ``step``
+            counts labeled training calls from 0 (:meth:`unlabeled` calls count apart,
+            in ``unlabeled_step``) and both counters are saved in the state dict. Under
+            gradient accumulation a call is a micro-batch: give schedule lengths and
+            ``every_k_steps`` in micro-batches (or set ``wrapped.step`` yourself).
+            :class:`rdrop.integrations.hf.RDropTrainerMixin` counts optimizer steps
+            instead.
         task, consistency, ignore_index, label_smoothing, check_finite: see
             :func:`rdrop.rdrop_loss`; or pass a ready ``loss=RDropLoss(...)`` instead
             (then setting any of these is a ``ValueError``: the loss carries its own).
@@ -146,15 +149,18 @@ class RDrop(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        stop_gradient = check_bool("stop_gradient", stop_gradient)
+        warn = check_bool("warn", warn)
+        logits_key = check_logits_key(logits_key)
         if alpha is not None and not callable(alpha):
             alpha = check_alpha(alpha)
-        check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
-        check_int("every_k_steps", every_k_steps, 1)
+        num_passes = check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
+        every_k_steps = check_int("every_k_steps", every_k_steps, 1)
         if mode not in ("concat", "sequential"):
             raise ValueError(f"mode must be 'concat' or 'sequential', got {mode!r}")
         if dropout_rates is not None:
             if isinstance(dropout_rates, (str, bytes)) or not all(
-                isinstance(p, (int, float)) and not isinstance(p, bool) for p in dropout_rates
+                is_real_number(p) for p in dropout_rates
             ):
                 raise TypeError(
                     f"dropout_rates must be a sequence of numbers, got {dropout_rates!r}"
@@ -231,27 +237,33 @@ class RDrop(nn.Module):
             self.branch_at = name
             object.__setattr__(self, "_branch", module)
         self.step = 0
+        self.unlabeled_step = 0
         self._warned: set[str] = set()
 
     # -- state ---------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, int]:
-        return {"step": self.step}
+        return {"step": self.step, "unlabeled_step": self.unlabeled_step}
 
     def set_extra_state(self, state: Any) -> None:
-        if isinstance(state, dict) and isinstance(state.get("step"), int):
-            self.step = state["step"]
+        if not isinstance(state, dict):
+            return
+        for name in ("step", "unlabeled_step"):
+            if isinstance(state.get(name), int):
+                setattr(self, name, state[name])
 
     @property
     def every_k_steps(self) -> int:
-        """The consistency term is used on training calls ``0, k, 2k, ...``."""
+        """The consistency term is used on training calls ``0, k, 2k, ...`` (labeled and
+        unlabeled calls counted apart)."""
         return self.schedule.every_k_steps
 
     def current_alpha(self) -> float:
-        """Alpha for the next training call (after the schedule, if any)."""
+        """Alpha for the next labeled training call (after the schedule, if any)."""
         return self.schedule.alpha_at(self.step)
 
     def applies_consistency(self, step: int | None = None) -> bool:
-        """Whether the consistency term is used at ``step`` (default: the next call)."""
+        """Whether the consistency term is used at ``step`` (default: the next labeled
+        call)."""
         return self.schedule.applies_at(self.step if step is None else step)
 
     # -- forward -------------------------------------------------------------------------
@@ -272,7 +284,12 @@ class RDrop(nn.Module):
 
     def unlabeled(self, *args: Any, **kwargs: Any) -> RDropOutput:
         """Semi-supervised step on an unlabeled batch: ``loss = (alpha / m) * D`` only
-        (``alpha / 2`` for the default two passes)."""
+        (``alpha / 2`` for the default two passes).
+
+        Unlabeled calls count on their own, in ``unlabeled_step``: the alpha schedule and
+        ``every_k_steps`` read that counter, so a loop with one labeled and one unlabeled
+        call per iteration applies both terms on the same iterations and ramps both
+        alphas at the same rate."""
         if not self.training:
             raise RuntimeError("unlabeled() is a training step; the wrapper is in eval mode")
         return self._train_step(args, kwargs, None)
@@ -282,9 +299,13 @@ class RDrop(nn.Module):
     ) -> RDropOutput:
         if self.warn:
             self._warn_about_setup()
-        alpha = self.current_alpha()
-        step = self.step
-        self.step += 1
+        if target is None:
+            step = self.unlabeled_step
+            self.unlabeled_step += 1
+        else:
+            step = self.step
+            self.step += 1
+        alpha = self.schedule.alpha_at(step)
         if not self.applies_consistency(step):
             output = self.model(*args, **kwargs)
             logits = extract_logits(output, self.logits_key)
@@ -357,7 +378,11 @@ class RDrop(nn.Module):
         assert layer is not None
         with output_layer_bypassed(layer):
             passes, output = self._concat_passes(args, kwargs, target)
-        hidden = torch.cat(passes) if passes[0]._base is None else passes[0]._base
+        # The model's own [2B, ..., H] output when the passes are its two halves, else a
+        # copy (the output was reshaped or transposed after the output layer's input).
+        hidden = concatenated_base(*passes)
+        if hidden is None or hidden.shape[1:] != passes[0].shape[1:]:
+            hidden = torch.cat(passes)
         if hidden.shape[-1] != layer.in_features:
             raise ValueError(
                 f"with output_layer= the model output must be the layer's input "

@@ -119,6 +119,53 @@ def test_wrapper_output_layer_equals_the_logits_path() -> None:
     assert "output_layer" not in "".join(rdrop.RDrop(net, output_layer=head).state_dict())
 
 
+class _FlatTokens(torch.nn.Module):
+    """Runs its layers on [B * T, d] rows and views the logits back to [B, T, V]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(40, 16)
+        self.body = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.3))
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.body(self.embedding(x).reshape(-1, 16))
+        return self.head(rows).view(*x.shape, -1)
+
+
+class _SequenceFirst(torch.nn.Module):
+    """Runs sequence-first ([T, B, d]) and transposes the logits back to [B, T, V]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(40, 16)
+        self.dropout = torch.nn.Dropout(0.3)
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.embedding(x).transpose(0, 1))
+        return self.head(hidden).transpose(0, 1)
+
+
+@pytest.mark.parametrize("model_class", [_FlatTokens, _SequenceFirst])
+def test_wrapper_output_layer_with_an_output_reshaped_after_the_layer(model_class: type) -> None:
+    torch.manual_seed(0)
+    net = model_class()
+    x, y = torch.randint(0, 40, (4, 8)), torch.randint(0, 50, (4, 8))
+    results = []
+    for layer in (None, "head"):
+        net.zero_grad()
+        torch.manual_seed(3)
+        out = rdrop.RDrop(net, alpha=1.0, output_layer=layer)(x, target=y)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got.task_loss, ref.task_loss.detach())
+    torch.testing.assert_close(got.consistency_loss, ref.consistency_loss.detach())
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_wrapper_output_layer_bad_input_is_named() -> None:
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.1), torch.nn.Linear(4, 5))
     with pytest.raises(ValueError, match="'head' is not a submodule"):

@@ -249,7 +249,7 @@ class RDropTrainerMixin:
         stop_gradient: bool = False,
         **kwargs: Any,
     ) -> None:
-        check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
+        num_passes = check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
         if not isinstance(stop_gradient, bool):
             raise TypeError(f"stop_gradient must be a bool, got {stop_gradient!r}")
         if stop_gradient and (branch_at is not None or hidden_state_loss is True):

@@ -8,6 +8,8 @@ import random
 import torch
 from torch import Tensor
 
+from rdrop._checks import is_real_number
+
 __all__ = [
     "check_class_target",
     "check_generator",
@@ -21,7 +23,7 @@ __all__ = [
 
 def check_positive(name: str, value: float) -> float:
     """``value`` as a float; ``TypeError``/``ValueError`` naming ``name`` unless finite > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not (value > 0.0 and math.isfinite(value)):  # also rejects NaN

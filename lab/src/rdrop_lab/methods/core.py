@@ -106,6 +106,10 @@ def rdrop_wrapper(
             lambda: wrapped.step,
             lambda value: setattr(wrapped, "step", int(value)),
         )
+        context.resumable["rdrop_unlabeled_step"] = (
+            lambda: wrapped.unlabeled_step,
+            lambda value: setattr(wrapped, "unlabeled_step", int(value)),
+        )
     return wrapped
 
 
