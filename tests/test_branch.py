@@ -214,3 +214,22 @@ def test_a_models_own_mask_keyword_is_repeated() -> None:
         x, mask, target=torch.zeros(4, 4, dtype=torch.long)
     )
     assert torch.isfinite(out.loss)
+
+
+class SkipAcrossTheBranch(nn.Module):
+    """Adds, outside any module, a tensor from below the branch point to one from above."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lower = nn.Linear(3, 4)
+        self.upper = nn.Sequential(nn.Dropout(0.3), nn.Linear(4, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lower(x)
+        return self.upper(h) + h
+
+
+def test_a_model_that_mixes_rows_across_the_branch_point_is_refused_by_name() -> None:
+    wrapped = rdrop.RDrop(SkipAcrossTheBranch(), branch_at="upper")
+    with pytest.raises(RuntimeError, match=r"failed above the branch point on 2 x 6 rows"):
+        wrapped(torch.randn(6, 3), target=torch.randint(0, 4, (6,)))

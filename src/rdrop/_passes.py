@@ -80,9 +80,11 @@ def forward_passes(
             raise RuntimeError(
                 f"the model failed above the branch point on {num_passes} x {batch_size} "
                 f"rows ({type(error).__name__}: {error}). The layers from the branch point "
-                "up must take batch-major tensors, and the model must not combine, outside "
-                "a module, tensors from below the branch point with ones from above it: "
-                "choose another branch point"
+                "up must take batch-major tensors (every input to them whose first "
+                f"dimension is {batch_size} is repeated, so a shared tensor whose first "
+                "dimension happens to equal the batch size is repeated too), and the model "
+                "must not combine, outside a module, tensors from below the branch point "
+                "with ones from above it: choose another branch point"
             ) from error
     else:
         doubled_args = repeat_batch(args, batch_size, num_passes)
