@@ -560,3 +560,92 @@ def test_several_label_tensors_get_an_error_naming_label_names(tmp_path: Path) -
     model.train()
     with pytest.raises(ValueError, match=r"label_names=\['start_positions', 'end_positions'\]"):
         trainer.compute_loss(model, batch)
+
+
+@pytest.mark.filterwarnings("ignore:R-Drop cannot work")
+def test_a_task_callable_on_token_labels_counts_the_items_like_the_trainer(
+    tmp_path: Path,
+) -> None:
+    def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
+
+    model = _tiny_bert(BertForTokenClassification, dropout=0.0).train()
+    rows = _token_rows(4)
+    losses = []
+    for task in ("cross_entropy", token_cross_entropy):
+        trainer = RDropTrainer(model=model, args=_args(tmp_path), alpha=0.0, task=task)
+        batch = trainer.data_collator(rows)
+        items = batch["labels"].ne(-100).sum()  # the Trainer's num_items_in_batch
+        assert items < batch["labels"].numel()
+        losses.append(trainer.compute_loss(model, dict(batch), num_items_in_batch=items))
+    own = model(**batch).loss
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(losses[0], own, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:R-Drop cannot work")
+def test_a_subclass_of_a_causal_lm_gets_shifted_labels(tmp_path: Path) -> None:
+    class MyGPT2(GPT2LMHeadModel):
+        pass
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    model = MyGPT2(config).train()
+    ids = torch.randint(1, VOCAB, (2, 8))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    trainer = RDropTrainer(model=model, args=_args(tmp_path), alpha=0.0)
+    loss = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:R-Drop cannot work")
+def test_a_mixture_of_experts_keeps_its_router_loss(tmp_path: Path) -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config).train()
+    ids = torch.randint(1, VOCAB, (2, 8))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    own = model(**batch)
+    assert own.aux_loss > 0
+    # No dropout and alpha 0: R-Drop's loss is the model's own, router term included (the
+    # load-balancing loss of [x; x] is that of x).
+    trainer = RDropTrainer(model=model, args=_args(tmp_path), alpha=0.0)
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), own.loss)
+    torch.testing.assert_close(trainer.compute_loss(model.eval(), dict(batch)), own.loss)
+
+
+def test_predictions_of_a_model_returning_tuples(tmp_path: Path) -> None:
+    from transformers import Trainer
+
+    model = _tiny_bert(BertForSequenceClassification)
+    model.config.return_dict = False
+    rows = _classification_rows(4)
+    plain = Trainer(model=model, args=_args(tmp_path)).predict(rows)
+    ours = RDropTrainer(model=model, args=_args(tmp_path), alpha=1.0).predict(rows)
+    assert ours.predictions.shape == plain.predictions.shape == (4, 3)
+    torch.testing.assert_close(torch.tensor(ours.predictions), torch.tensor(plain.predictions))
+
+
+def test_right_padded_position_ids_are_not_taken_for_packing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    ).train()
+    trainer = RDropTrainer(model=model, args=_args(tmp_path), alpha=1.0)
+    padded = {
+        "input_ids": torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+        "position_ids": torch.tensor([[0, 1, 2, 3], [0, 1, 0, 0]]),
+        "labels": torch.tensor([[1, 2, 3, 4], [5, 6, -100, -100]]),
+    }
+    assert torch.isfinite(trainer.compute_loss(model, padded))
+    packed = {**padded, "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="position_ids"):
+        trainer.compute_loss(model, packed)

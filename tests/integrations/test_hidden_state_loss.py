@@ -185,3 +185,34 @@ def test_bypass_restores_the_layer_after_an_error() -> None:
     with pytest.raises(RuntimeError), _output_layer.output_layer_bypassed(head):
         raise RuntimeError
     assert head(torch.zeros(1, 2)).shape == (1, 3)
+
+
+def test_trainer_refuses_a_final_logits_bias_by_name() -> None:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_position_embeddings=32, dropout=0.2,
+    )  # fmt: skip
+    model = BartForConditionalGeneration(config)
+    ids = torch.randint(3, 50, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    with pytest.raises(ValueError, match="final_logits_bias"):
+        _trainer(model, hidden_state_loss=True).compute_loss(model.train(), batch)
+    assert torch.isfinite(_trainer(model).compute_loss(model.train(), batch))  # auto: logits
+
+
+def test_trainer_under_ddp_keeps_an_untied_head_out_of_the_unused_parameter_search(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    model = _llama()  # untied lm_head
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters=False"):
+        _trainer(model, hidden_state_loss=True).compute_loss(model.train(), _batch())
+    args = TrainingArguments(
+        tempfile.mkdtemp(), report_to="none", use_cpu=True, ddp_find_unused_parameters=False
+    )
+    trainer = RDropTrainer(model=model, args=args, alpha=2.0, hidden_state_loss=True)
+    assert torch.isfinite(trainer.compute_loss(model.train(), _batch()))

@@ -91,3 +91,29 @@ def test_lora_training_runs_and_moves_only_the_adapters(tmp_path: Path) -> None:
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
+
+
+def _prompt_learning_model(peft_config: Any, attention_dropout: float) -> Any:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, attention_dropout=attention_dropout,
+    )  # fmt: skip
+    return peft.get_peft_model(LlamaForCausalLM(config), peft_config).train()
+
+
+def test_prompt_tuning_is_refused_by_name(tmp_path: Path) -> None:
+    prompt = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    model = _prompt_learning_model(prompt, attention_dropout=0.1)
+    trainer = RDropTrainer(model=model, args=_args(tmp_path), alpha=1.0)
+    with pytest.raises(ValueError, match=r"PEFT prompt learning \(PROMPT_TUNING\).*LoRA"):
+        trainer.compute_loss(model, _batch())
+
+
+@pytest.mark.filterwarnings("ignore:R-Drop cannot work")
+def test_prefix_tuning_loss_equals_the_models_own_at_dropout_zero(tmp_path: Path) -> None:
+    prefix = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    model = _prompt_learning_model(prefix, attention_dropout=0.0)
+    trainer = RDropTrainer(model=model, args=_args(tmp_path), alpha=0.0)
+    loss = trainer.compute_loss(model, _batch())
+    torch.testing.assert_close(loss, model(**_batch()).loss, rtol=1e-5, atol=1e-6)

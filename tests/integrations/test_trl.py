@@ -124,3 +124,11 @@ def test_padding_free_is_refused_by_name(tmp_path: Path) -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="padding_free=False"):
         trainer.train()
+
+
+def test_a_loss_type_other_than_nll_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"loss_type='dft'"):
+        RDropSFTTrainer(
+            model=_model(), args=_config(tmp_path, loss_type="dft"), train_dataset=_dataset(),
+            processing_class=_tokenizer(), alpha=1.0,
+        )  # fmt: skip

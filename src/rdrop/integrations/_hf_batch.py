@@ -13,7 +13,12 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
-__all__ = ["add_decoder_inputs", "missing_dropout_message", "refuse_packed_batches"]
+__all__ = [
+    "add_decoder_inputs",
+    "missing_dropout_message",
+    "refuse_packed_batches",
+    "refuse_prompt_learning",
+]
 
 #: The config key that sets a model family's main dropout, in order of preference.
 _MAIN_DROPOUT_KEYS = (
@@ -82,6 +87,16 @@ def missing_dropout_message(model: nn.Module, num_passes: int) -> str | None:
     )
 
 
+def _position_resets(positions: Tensor, attention_mask: Any) -> Tensor:
+    """Where a row's ``position_ids`` fall back between two attended tokens: a new packed
+    sequence. Padding (``attention_mask == 0``) may carry any positions."""
+    resets = positions[:, 1:] < positions[:, :-1]
+    if isinstance(attention_mask, Tensor) and attention_mask.shape == positions.shape:
+        attended = attention_mask.bool()
+        resets &= attended[:, 1:] & attended[:, :-1]
+    return resets
+
+
 def refuse_packed_batches(features: Mapping[str, Any]) -> None:
     """Raise for padding-free (packed) batches: R-Drop's forward on ``[x; x]`` copies the
     batch dimension, but a packed batch is one row of concatenated sequences whose
@@ -93,7 +108,7 @@ def refuse_packed_batches(features: Mapping[str, Any]) -> None:
         and isinstance(positions, Tensor)
         and positions.ndim == 2
         and positions.shape[-1] > 1
-        and bool((positions[:, 1:] < positions[:, :-1]).any())
+        and bool(_position_resets(positions, features.get("attention_mask")).any())
     ):
         packed = ["position_ids (resets inside a row)"]
     if packed:
@@ -102,6 +117,24 @@ def refuse_packed_batches(features: Mapping[str, Any]) -> None:
             "one forward on [x; x] would not double the sequence boundaries. Use padded "
             "batches: TRL SFTConfig(padding_free=False, packing=False), or a padding "
             "collator instead of DataCollatorWithFlattening"
+        )
+
+
+#: PEFT methods that prepend virtual tokens to the sequence (prefix tuning does not: it
+#: feeds them as past keys and values).
+_VIRTUAL_TOKEN_PEFT = frozenset({"PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"})
+
+
+def refuse_prompt_learning(model: nn.Module) -> None:
+    """Raise for PEFT prompt tuning and P-tuning: their virtual tokens lengthen the logits
+    beyond the labels, which PEFT pads only when it gets the labels itself."""
+    config = getattr(model, "active_peft_config", None)
+    kind = getattr(getattr(config, "peft_type", None), "value", None)
+    if kind in _VIRTUAL_TOKEN_PEFT:
+        raise ValueError(
+            f"R-Drop does not support PEFT prompt learning ({kind}): its virtual tokens make "
+            "the logits longer than the labels. Use an adapter that keeps the sequence "
+            "length, such as LoRA"
         )
 
 

@@ -57,6 +57,7 @@ from rdrop.integrations._hf_batch import (
     add_decoder_inputs,
     missing_dropout_message,
     refuse_packed_batches,
+    refuse_prompt_learning,
 )
 from rdrop.losses import (
     _BUILTIN_TASKS,
@@ -77,7 +78,37 @@ Alpha = float | Callable[[int], float]
 #: The hidden-state loss is the default from this many logits of the doubled batch on
 #: (1 GiB in float32): below it the logits path is as fast and its memory is affordable.
 _HIDDEN_STATE_MIN_LOGITS = 1 << 28
+
+
 #: Config keys of models that transform the logits after the output projection.
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (``PeftModel.get_base_model()``)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _item_count(target: Tensor, ignore_index: int) -> int:
+    """The items a loss averages: class-id targets without ``ignore_index``, every value
+    of float targets (what the Trainer's ``num_items_in_batch`` counts)."""
+    if target.is_floating_point():
+        return target.numel()
+    return int((target != ignore_index).sum())
+
+
+def _with_router_aux_loss(loss: Tensor, model: nn.Module, outputs: Any) -> Tensor:
+    """``loss + router_aux_loss_coef * aux_loss`` for a mixture-of-experts model that
+    returned its router's load-balancing loss (``output_router_logits=True``), as the model
+    adds it to its own loss when given labels; ``loss`` otherwise."""
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is None and isinstance(outputs, Mapping):
+        aux = outputs.get("aux_loss")
+    base = _base_model(model)
+    coefficient = getattr(getattr(base, "config", None), "router_aux_loss_coef", None)
+    if not isinstance(aux, Tensor) or not coefficient:
+        return loss
+    return loss + coefficient * aux.to(loss.device)
+
+
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 # transformers >= 5 lets compute_loss declare that it already scaled the loss for
@@ -344,6 +375,7 @@ class RDropTrainerMixin:
         trainer: Any = self
         unwrapped = trainer.accelerator.unwrap_model(model)
         self._rdrop_check_setup(unwrapped)
+        refuse_prompt_learning(unwrapped)
         refuse_packed_batches(batch.features)
         step = int(trainer.state.global_step)
         alpha = self.rdrop_schedule.alpha_at(step)
@@ -385,9 +417,10 @@ class RDropTrainerMixin:
             result, n_local = self._rdrop_hidden_state_objective(passes, layer, target, alpha)
         result.outputs = outputs
         self._rdrop_record(result, use_rdrop and n_local > 0, alpha)
-        counts_alike = self._rdrop_counts_like_trainer(task, batch, shift)
+        counts_alike = self._rdrop_counts_like_trainer(target, batch, shift)
         counted = num_items_in_batch if counts_alike else None
-        return scale_for_gradient_accumulation(result.loss, n_local, counted, trainer), outputs
+        loss = scale_for_gradient_accumulation(result.loss, n_local, counted, trainer)
+        return _with_router_aux_loss(loss, unwrapped, outputs), outputs
 
     def _rdrop_evaluation_loss(self, model: nn.Module, batch: _LabeledBatch) -> tuple[Tensor, Any]:
         """The task loss of one ordinary pass."""
@@ -404,6 +437,11 @@ class RDropTrainerMixin:
             ignore_index=self.rdrop_ignore_index,
             label_smoothing=self._rdrop_label_smoothing(task),
         )
+        loss = _with_router_aux_loss(loss, unwrapped, outputs)
+        if isinstance(outputs, tuple):
+            # A model given labels returns (loss, logits, ...), and Trainer.prediction_step
+            # reads a tuple output that way: keep its logits where it looks for them.
+            outputs = (loss, *outputs)
         return loss, outputs
 
     def _rdrop_objective(
@@ -418,7 +456,7 @@ class RDropTrainerMixin:
         number of items it averages (``task_passes``: the task loss of the first passes
         only, see :func:`rdrop.rdrop_loss`)."""
         ignore, smoothing = self.rdrop_ignore_index, self._rdrop_label_smoothing(task)
-        n_local = int((target != ignore).sum()) if task == "cross_entropy" else target.numel()
+        n_local = _item_count(target, ignore)
         if n_local == 0:  # nothing to learn from in this micro-batch: keep the graph, add 0
             zero = passes[0].float().sum() * 0.0
             return RDropOutput(zero, zero.detach(), zero.detach(), alpha), 0
@@ -500,6 +538,15 @@ class RDropTrainerMixin:
             return f"consistency={self.rdrop_consistency!r} (it computes the KL)"
         if self._rdrop_resolve_task(model, labels) != "cross_entropy":
             return "the task is not cross-entropy"
+        base = _base_model(model)
+        if getattr(base, "final_logits_bias", None) is not None:
+            return "the model adds final_logits_bias after the projection (BART-like models)"
+        if self._rdrop_ddp_marks_the_layer_unused(model, layer):
+            return (
+                "under DDP with find_unused_parameters (the Trainer's default for a "
+                "PreTrainedModel) an untied output layer, used only outside the forward, "
+                "would be marked ready twice; set ddp_find_unused_parameters=False"
+            )
         config = getattr(model, "config", None)
         for key in _LOGIT_TRANSFORMS:
             value = getattr(config, key, None)
@@ -507,16 +554,25 @@ class RDropTrainerMixin:
                 return f"the model transforms its logits after the projection ({key}={value})"
         return None
 
-    def _rdrop_counts_like_trainer(
-        self, task: BuiltinTask | TaskLoss, batch: _LabeledBatch, shift: bool
-    ) -> bool:
+    def _rdrop_ddp_marks_the_layer_unused(self, model: nn.Module, layer: nn.Linear) -> bool:
+        """Whether DDP's unused-parameter search would mark the bypassed output layer
+        unused: several processes, ``find_unused_parameters`` not off, weights not tied."""
+        args = getattr(self, "args", None)
+        if int(getattr(args, "world_size", 1) or 1) <= 1:
+            return False
+        if getattr(args, "ddp_find_unused_parameters", None) is False:
+            return False
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+        return getattr(embeddings, "weight", None) is not layer.weight
+
+    def _rdrop_counts_like_trainer(self, target: Tensor, batch: _LabeledBatch, shift: bool) -> bool:
         """Whether the Trainer's ``num_items_in_batch`` counts the items averaged here: it
         counts ``labels != -100`` (of ``labels[..., 1:]`` when it thinks the model shifts,
         of ``shift_labels`` when given)."""
         # Trainer._loss_shifts_labels (private; transformers >= 5) is the Trainer's own
         # decision to count shifted labels; transformers < 5 lacks it and counts all labels.
         trainer_shifts = bool(getattr(self, "_loss_shifts_labels", False))
-        return (task != "cross_entropy" or self.rdrop_ignore_index == -100) and (
+        return (target.is_floating_point() or self.rdrop_ignore_index == -100) and (
             batch.shift_labels is not None or shift == trainer_shifts
         )
 
@@ -594,9 +650,10 @@ class RDropTrainerMixin:
         except ImportError:  # pragma: no cover
             return False
         # A PEFT model wraps the transformers model (PeftModelForCausalLM): look inside.
-        get_base_model = getattr(model, "get_base_model", None)
-        base = get_base_model() if callable(get_base_model) else model
-        return type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        base = _base_model(model)
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        # A user subclass of a causal LM (class MyLlama(LlamaForCausalLM)) shifts like it.
+        return any(cls.__name__ in causal for cls in type(base).__mro__)
 
     def _rdrop_check_setup(self, model: nn.Module) -> None:
         if self._rdrop_checked:

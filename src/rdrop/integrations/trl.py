@@ -46,7 +46,23 @@ __all__ = ["RDropSFTTrainer"]
 class RDropSFTTrainer(RDropTrainerMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` trained with the R-Drop loss; takes ``SFTTrainer``'s
     arguments plus those of :class:`rdrop.integrations.hf.RDropTrainerMixin`
-    (``alpha``, ``num_passes``, ``every_k_steps``, ...)."""
+    (``alpha``, ``num_passes``, ``every_k_steps``, ...).
+
+    Raises:
+        ValueError: ``SFTConfig(loss_type=...)`` other than ``"nll"`` (R-Drop's task term
+            is the token cross-entropy; TRL's other losses, e.g. ``"dft"``, would apply in
+            evaluation only).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        loss_type = getattr(self.args, "loss_type", "nll")
+        if loss_type not in (None, "nll"):
+            raise ValueError(
+                f"SFTConfig(loss_type={loss_type!r}) is not supported by RDropSFTTrainer: "
+                "its task term is the token cross-entropy (loss_type='nll'), so training "
+                "would ignore the setting while evaluation used it"
+            )
 
     def compute_loss(
         self,
