@@ -174,6 +174,23 @@ def test_gain_kept_hand_computed() -> None:
     assert low <= kept <= high
 
 
+def test_gain_kept_interval_leaves_out_draws_where_the_full_method_lost() -> None:
+    # Full gains 0.04, 0.02, -0.03 (mean +0.01): draws whose mean full gain is <= 0 would
+    # turn a share of a gain into a share of a loss; they are left out, by hand.
+    variant, full, base = [0.82, 0.81, 0.79], [0.84, 0.82, 0.77], [0.80, 0.80, 0.80]
+    kept, low, high = gain_kept(variant, full, base, n_bootstrap=4000, seed=5)
+    v, f = np.array([0.02, 0.01, -0.01]), np.array([0.04, 0.02, -0.03])
+    assert kept == pytest.approx(v.mean() / f.mean())
+    draws = np.random.default_rng(5).integers(0, 3, size=(4000, 3))
+    keep = f[draws].mean(axis=1) > 0
+    assert 0 < keep.sum() < 4000
+    ratios = v[draws[keep]].mean(axis=1) / f[draws[keep]].mean(axis=1)
+    assert (low, high) == pytest.approx(tuple(np.quantile(ratios, [0.025, 0.975])))
+    # Two seeds: no interval (it would be about the two per-seed ratios).
+    _, low, high = gain_kept(variant[:2], full[:2], base[:2])
+    assert math.isnan(low) and math.isnan(high)
+
+
 def test_gain_kept_does_not_depend_on_the_metric_direction() -> None:
     variant, full, base = [2.9, 3.0, 2.8], [2.7, 2.8, 2.6], [3.1, 3.1, 3.0]  # losses
     lower = gain_kept(variant, full, base)

@@ -293,11 +293,19 @@ def test_report_gives_the_gain_a_cheaper_variant_keeps(tmp_path: Path) -> None:
         store.write(r)
     text = write_report(tmp_path).read_text()
     # Full R-Drop gains 0.08 and 0.05 (mean 0.065); the variant 0.05 and 0.02 (0.035).
-    assert "| R-Drop α=1.0 | 2 | +0.0650 | 100% (reference) | 1.00× | 60 s" in text
+    # Full R-Drop's gain on the seeds, with its t-interval: 0.065 ± t(0.975, 1) * 0.015.
+    half = 12.7062 * (0.03 / 2**0.5) / 2**0.5
+    full = f"+0.0650 [{0.065 - half:+.4f}, {0.065 + half:+.4f}]"
+    assert f"| R-Drop α=1.0 | 2 | +0.0650 | {full} | 100% (reference) | 1.00× | 60 s" in text
     kept = 0.035 / 0.065
     table = _cheaper_table(text)
     row = next(line for line in table.splitlines() if line.startswith("| R-Drop α=1.0 branch@"))
-    assert f"| 2 | +0.0350 | {kept:.0%} [" in row and "| 0.50× |" in row
+    # Two seeds: no bootstrap interval; the full gain's interval holds 0, which is said.
+    assert (
+        f"| 2 | +0.0350 | {full} | {kept:.0%} (n=2: no interval); full gain not significant |"
+        in row
+    )
+    assert "| 0.50× |" in row
 
 
 def test_gain_kept_leaves_out_diverged_variant_seeds_and_a_full_rdrop_without_gain(
@@ -309,7 +317,7 @@ def test_gain_kept_leaves_out_diverged_variant_seeds_and_a_full_rdrop_without_ga
         store.write(r)
     table = _cheaper_table(write_report(tmp_path).read_text())
     row = next(line for line in table.splitlines() if line.startswith("| R-Drop α=1.0 branch@"))
-    assert "| 1 | +0.0500 | 62% |" in row  # seed 0 only: 0.05 / 0.08
+    assert "| 1 | +0.0500 | +0.0800 | 62% (n=1: no interval) |" in row  # seed 0: 0.05 / 0.08
     # A full R-Drop that ends below the baseline: no share of a gain to keep.
     worse = tmp_path / "worse"
     store = ResultStore(worse)

@@ -22,6 +22,7 @@ import numpy as np
 from scipy.special import stdtrit  # type: ignore[import-untyped]
 
 __all__ = [
+    "GAIN_KEPT_MIN_SEEDS",
     "PairedDifference",
     "bootstrap_interval",
     "format_interval",
@@ -269,6 +270,10 @@ def paired_difference(
     )
 
 
+#: The fewest seeds for which :func:`gain_kept` gives an interval.
+GAIN_KEPT_MIN_SEEDS = 3
+
+
 def gain_kept(
     variant: Sequence[float] | np.ndarray,
     full: Sequence[float] | np.ndarray,
@@ -283,8 +288,10 @@ def gain_kept(
     ``kept = mean(variant - baseline) / mean(full - baseline)``, and its percentile
     bootstrap interval from resampling the seeds jointly (``n_bootstrap`` draws of ``n``
     seed indices, ``numpy.random.default_rng(seed).integers``), leaving out the draws
-    whose denominator is 0. The ratio does not depend on the metric's direction. When the
-    full method's own gain is small the interval is wide: read it next to that gain.
+    whose denominator is 0 or of the other sign than ``mean(full - baseline)`` (there the
+    full method lost, and a ratio would flip meaning). The ratio does not depend on the
+    metric's direction. When the full method's own gain is small the interval is wide:
+    read it next to that gain.
 
     Args:
         variant: the cheaper variant's score per seed.
@@ -296,7 +303,8 @@ def gain_kept(
 
     Returns:
         ``(kept, low, high)``; ``kept`` is NaN when ``mean(full - baseline) == 0``, and the
-        bounds are NaN with a single seed.
+        bounds are NaN with fewer than :data:`GAIN_KEPT_MIN_SEEDS` seeds (with two, the
+        percentile interval would be little more than the two per-seed ratios).
 
     Raises:
         ValueError: if the sequences differ in length, are empty, or hold non-finite values.
@@ -323,11 +331,11 @@ def gain_kept(
     kept_gain, full_gain = arrays[0] - base, arrays[1] - base
     denominator = full_gain.mean()
     kept = float(kept_gain.mean() / denominator) if denominator != 0 else math.nan
-    if base.size < 2:
+    if base.size < GAIN_KEPT_MIN_SEEDS or denominator == 0:
         return kept, math.nan, math.nan
     draws = np.random.default_rng(seed).integers(0, base.size, size=(n_bootstrap, base.size))
     denominators = full_gain[draws].mean(axis=1)
-    usable = denominators != 0
+    usable = np.sign(denominators) == np.sign(denominator)
     if not usable.any():
         return kept, math.nan, math.nan
     ratios = kept_gain[draws[usable]].mean(axis=1) / denominators[usable]
