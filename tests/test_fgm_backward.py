@@ -30,7 +30,7 @@ def test_custom_backward_is_called_for_both_losses() -> None:
     calls = []
 
     def backward(loss: torch.Tensor) -> None:
-        calls.append(float(loss))
+        calls.append(float(loss.detach()))
         loss.backward()
 
     net = _net()
