@@ -80,7 +80,6 @@ Alpha = float | Callable[[int], float]
 _HIDDEN_STATE_MIN_LOGITS = 1 << 28
 
 
-#: Config keys of models that transform the logits after the output projection.
 def _base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (``PeftModel.get_base_model()``)."""
     get_base_model = getattr(model, "get_base_model", None)
@@ -109,6 +108,7 @@ def _with_router_aux_loss(loss: Tensor, model: nn.Module, outputs: Any) -> Tenso
     return loss + coefficient * aux.to(loss.device)
 
 
+#: Config keys of models that transform the logits after the output projection.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 # transformers >= 5 lets compute_loss declare that it already scaled the loss for
