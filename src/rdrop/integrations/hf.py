@@ -48,7 +48,7 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
 
 from rdrop._batch import LogitsGetter, extract_logits
 from rdrop._branch import resolve_branch
-from rdrop._checks import check_int
+from rdrop._checks import check_bool, check_int
 from rdrop._output_layer import output_layer_bypassed
 from rdrop._passes import forward_passes
 from rdrop.functional import _KINDS, ConsistencyKind
@@ -281,8 +281,7 @@ class RDropTrainerMixin:
         **kwargs: Any,
     ) -> None:
         num_passes = check_int("num_passes", num_passes, 2, " (m >= 2 dropout passes)")
-        if not isinstance(stop_gradient, bool):
-            raise TypeError(f"stop_gradient must be a bool, got {stop_gradient!r}")
+        stop_gradient = check_bool("stop_gradient", stop_gradient)
         if stop_gradient and (branch_at is not None or hidden_state_loss is True):
             raise ValueError(
                 "stop_gradient=True runs passes 2..m as separate forwards, so it cannot be "
@@ -491,7 +490,7 @@ class RDropTrainerMixin:
         self, hidden: list[Tensor], layer: nn.Linear, target: Tensor, alpha: float
     ) -> tuple[RDropOutput, int]:
         """The R-Drop loss of two passes from their hidden states (no vocabulary logits)."""
-        n_local = int((target != self.rdrop_ignore_index).sum())
+        n_local = _item_count(target, self.rdrop_ignore_index)
         if n_local == 0:
             zero = hidden[0].float().sum() * 0.0
             return RDropOutput(zero, zero.detach(), zero.detach(), alpha), 0
