@@ -374,7 +374,6 @@ class RDropTrainerMixin:
         trainer: Any = self
         unwrapped = trainer.accelerator.unwrap_model(model)
         self._rdrop_check_setup(unwrapped)
-        refuse_prompt_learning(unwrapped)
         refuse_packed_batches(batch.features)
         step = int(trainer.state.global_step)
         alpha = self.rdrop_schedule.alpha_at(step)
@@ -657,6 +656,7 @@ class RDropTrainerMixin:
     def _rdrop_check_setup(self, model: nn.Module) -> None:
         if self._rdrop_checked:
             return
+        refuse_prompt_learning(model)  # before the flag: a refused model stays refused
         self._rdrop_checked = True
         message = missing_dropout_message(model, self.rdrop_num_passes)
         if message is not None:
