@@ -96,11 +96,16 @@ def t_interval(
 
     Returns:
         ``(low, high)``; ``(nan, nan)`` when there is a single value (no spread estimate).
+        When all values are equal the sample std is 0 and the interval is the point
+        ``(mean, mean)``: the formula has nothing to widen it with, and a handful of equal
+        values does not prove the spread is 0, so read it with ``n``.
 
     Example:
         >>> low, high = t_interval([1.0, 2.0, 3.0])   # 2 ± 4.302653 · 1 / sqrt(3)
         >>> round(low, 4), round(high, 4)
         (-0.4841, 4.4841)
+        >>> t_interval([0.5, 0.5, 0.5])
+        (0.5, 0.5)
     """
     _check_confidence(confidence)
     array = _as_vector(values)
