@@ -4,12 +4,14 @@ toy task that trains in milliseconds."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from rdrop_lab import runner
 from rdrop_lab import tasks as task_registry
 from rdrop_lab.config import ConfigError, RunConfig
 from rdrop_lab.resume import ResumeError, load_resume_state, resume_path, save_resume_state
@@ -114,6 +116,31 @@ class Killed(Exception):
     pass
 
 
+def _train_until_killed(
+    monkeypatch: pytest.MonkeyPatch,
+    config: RunConfig,
+    store: ResultStore,
+    resume: Path,
+    data_dir: Path,
+    kill_at: int,
+) -> None:
+    """Train ``config`` with a checkpoint at every step and kill it after ``kill_at``
+    optimizer steps; the optimizer is restored afterwards."""
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dying_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > kill_at:
+            raise Killed
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(Killed):
+        train_run(config, store, data_dir=data_dir, resume_file=resume, checkpoint_every=0)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+
+
 @pytest.mark.parametrize("method", ["baseline", "rdrop", "mixup", "rdrop_rates"])
 @pytest.mark.parametrize("kill_at", [1, 5, 9])
 def test_a_run_killed_at_any_step_resumes_to_the_same_record(
@@ -132,21 +159,9 @@ def test_a_run_killed_at_any_step_resumes_to_the_same_record(
 
     store = ResultStore(tmp_path / "b")
     resume = resume_path(tmp_path / "resume", store.results_dir, config.run_id())
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def dying_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] > kill_at:
-            raise Killed
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(Killed):
-        train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
+    _train_until_killed(monkeypatch, config, store, resume, tmp_path, kill_at)
     assert resume.is_file() and not store.has(config.run_id())
     assert load_resume_state(resume)["loop"]["step"] == kill_at
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     resumed = train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
     assert not resume.exists()  # deleted once the record is written
     assert resumed["resumes"][0]["step"] == kill_at
@@ -185,19 +200,8 @@ def test_a_run_resumed_with_another_thread_count_is_refused(
     config = RunConfig("toy", max_epochs=4.0, patience=20, equal_time=False, **TOY)
     store = ResultStore(tmp_path)
     resume = resume_path(tmp_path / "resume", store.results_dir, config.run_id())
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def dying_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise Killed
-        return real_step(self, *args, **kwargs)
-
     threads = torch.get_num_threads()
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(Killed):
-        train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    _train_until_killed(monkeypatch, config, store, resume, tmp_path, 3)
     torch.set_num_threads(threads + 1)
     try:
         with pytest.raises(ConfigError, match=f"resume with --threads {threads} "):
@@ -207,6 +211,26 @@ def test_a_run_resumed_with_another_thread_count_is_refused(
     assert resume.is_file()  # kept: the same command with the right --threads resumes it
     resumed = train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
     assert resumed["resumes"][0]["step"] == 3
+
+
+def test_a_run_resumed_on_another_machine_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _register(monkeypatch, ToyTask(examples(16)))
+    config = RunConfig("toy", max_epochs=4.0, patience=20, equal_time=False, **TOY)
+    store = ResultStore(tmp_path)
+    resume = resume_path(tmp_path / "resume", store.results_dir, config.run_id())
+    _train_until_killed(monkeypatch, config, store, resume, tmp_path, 3)
+    here = runner.this_machine()
+    assert load_resume_state(resume)["machine"] == here
+    monkeypatch.setattr(runner, "this_machine", lambda: "Other CPU (AVX512)")
+    with pytest.raises(ConfigError, match=rf"was trained on {re.escape(here)}, this process "):
+        train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
+    assert resume.is_file()  # kept: the same command on the first machine resumes it
+    monkeypatch.setattr(runner, "this_machine", lambda: here)
+    resumed = train_run(config, store, data_dir=tmp_path, resume_file=resume, checkpoint_every=0)
+    assert resumed["resumes"][0]["step"] == 3
+    assert resumed["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_a_nan_validation_score_is_never_the_best(

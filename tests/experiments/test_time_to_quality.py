@@ -359,3 +359,28 @@ def test_report_names_the_arithmetic_of_bf16_tasks(tmp_path: Path) -> None:
     for r in [*BASE, *RDROP]:
         store.write(r)
     assert "**Arithmetic**" not in write_report(plain).read_text()
+
+
+def test_time_figures_from_two_kinds_of_machine_are_marked(tmp_path: Path) -> None:
+    from rdrop_lab.report import converged_verdict_table
+
+    def on(r: dict[str, Any], isa: str) -> dict[str, Any]:
+        return {**r, "environment": {"torch_threads": 1, "cpu": "AMD EPYC", "cpu_capability": isa}}
+
+    same = converged_verdict_table([on(r, "AVX2") for r in BASE + RDROP])
+    assert "mixed machines" not in same
+    mixed = [on(r, "AVX2") for r in BASE] + [on(r, "AVX512") for r in RDROP]
+    row = next(line for line in converged_verdict_table(mixed).splitlines() if "| sst2" in line)
+    assert "60 s (6.0 baseline epochs) (mixed machines)" in row
+    assert "1.00× (mixed machines)" in row
+    store = ResultStore(tmp_path)
+    for r in mixed:
+        store.write(r)
+    text = write_report(tmp_path).read_text()
+    assert (
+        "on 2 kinds of machine (AMD EPYC (AVX2); AMD EPYC (AVX512)), whose seconds do not "
+        "compare" in text
+    )
+    # A record without cpu_capability never passes for a machine that has one.
+    old = converged_verdict_table([on(r, "AVX2") for r in BASE] + RDROP)
+    assert "(mixed machines)" in old

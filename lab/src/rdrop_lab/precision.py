@@ -39,7 +39,9 @@ def precision_context(precision: str) -> contextlib.AbstractContextManager[Any]:
     cache of bfloat16 weight copies is off, so a method that changes a weight in place
     between two forwards of one step (FGM) never reads a stale copy. On this project's CPU
     (AVX512-BF16) a MiniLM step on MRPC cost 0.67 of a float32 one
-    (``results/pilots/bf16``). ``"fp32"`` changes nothing.
+    (``results/pilots/bf16``); a CPU without native bfloat16 emulates it many times slower
+    than float32, and such a run warns (:mod:`rdrop_lab.hardware`). ``"fp32"`` changes
+    nothing.
 
     Args:
         precision: ``"fp32"`` or ``"bf16"``.

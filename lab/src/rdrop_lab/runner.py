@@ -47,6 +47,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -60,6 +61,7 @@ from torch import nn
 import rdrop
 from rdrop_lab.config import ConfigError, RunConfig, config_value, is_plain_rdrop
 from rdrop_lab.data_regimes import select_training_data
+from rdrop_lab.hardware import native_bfloat16, this_machine
 from rdrop_lab.methods import Method, RunContext, get_method
 from rdrop_lab.precision import keep_float32, precision_context
 from rdrop_lab.progress import Progress
@@ -441,6 +443,15 @@ def _build_training(
     model, collate = task.build(dropout=config.dropout, max_length=config.max_length, data=data)
     if config.precision == "bf16" and task.output_module is not None:
         keep_float32(model.get_submodule(task.output_module))
+        if native_bfloat16() is False:
+            warnings.warn(
+                f"run {config.run_id()}: precision='bf16' on a CPU without native bfloat16 "
+                f"arithmetic ({this_machine()}, no AVX512-BF16 or AMX): autocast emulates "
+                "it, and its matrix products run many times slower than float32's "
+                "(rdrop_lab.hardware); train it in fp32 on this machine",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     context = RunContext(
         collate=collate,
         # The method's own draws (MixUp, unlabeled order): a stream apart from dropout's.
@@ -1107,6 +1118,7 @@ def _save_resume(
             "method": _resumable_objects(t.context),
             "counters": dict(t.context.counters),
             "torch_threads": torch.get_num_threads(),
+            "machine": this_machine(),
         },
     )
 
@@ -1165,6 +1177,7 @@ def _resume(
         t.context.counters.update(saved["counters"])
         state = _LoopState.from_json(saved["loop"])
         saved_threads = saved.get("torch_threads")
+        saved_machine = saved.get("machine")
     except (ResumeError, KeyError, TypeError, ValueError, RuntimeError) as error:
         _say(progress, f"{config.run_id()}: cannot resume ({error}); starting the run again")
         return None
@@ -1175,6 +1188,14 @@ def _resume(
             f"--threads {saved_threads}, this process has {torch.get_num_threads()}; resume "
             f"with --threads {saved_threads} (the training clock must not mix thread counts), "
             "or delete the checkpoint to start the run again"
+        )
+    if saved_machine is not None and saved_machine != this_machine():
+        # The same for the machine: its seconds per step are another machine's.
+        raise ConfigError(
+            f"run {config.run_id()}: its resumable checkpoint {path} was trained on "
+            f"{saved_machine}, this process runs on {this_machine()}; resume it on that "
+            "kind of machine (the training clock must not mix machines), or delete the "
+            "checkpoint to start the run again"
         )
     _say(
         progress,

@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from rdrop_lab.hardware import cpu_capability, cpu_name, native_bfloat16
+
 __all__ = ["ResultStore", "environment", "finite_json", "is_complete_record"]
 
 #: A finished record holds at least these keys, with these types.
@@ -137,18 +139,13 @@ class ResultStore:
         return final
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict[str, Any]:
-    """Package versions and hardware, stored with every run."""
+    """Package versions and hardware, stored with every run.
+
+    ``cpu_capability`` is the instruction set torch's kernels dispatch to and
+    ``cpu_bf16`` whether the CPU multiplies bfloat16 natively
+    (:mod:`rdrop_lab.hardware`): training seconds compare only between runs that match.
+    """
     import torch
 
     import rdrop
@@ -158,7 +155,9 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
+        "cpu_capability": cpu_capability(),
+        "cpu_bf16": native_bfloat16(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }

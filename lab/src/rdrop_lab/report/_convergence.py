@@ -15,7 +15,13 @@ from rdrop_lab.report._grouping import (
     MethodRuns,
     TaskRuns,
 )
-from rdrop_lab.report._records import Record, clock_description, pair_of, seconds_per_step_of
+from rdrop_lab.report._records import (
+    Record,
+    clock_description,
+    mixed_machines_mark,
+    pair_of,
+    seconds_per_step_of,
+)
 from rdrop_lab.stats import (
     PairedDifference,
     format_interval,
@@ -377,18 +383,22 @@ def _verdict_cells(
 
 def step_cost_text(treatment: Sequence[Record], control: Sequence[Record]) -> str:
     """The treatment's mean seconds per step over the control's, from the runs given (the
-    seeds both have), e.g. ``"1.85×"``; ``"—"`` without timings."""
+    seeds both have), e.g. ``"1.85×"``, marked ``"(mixed machines)"`` when their seconds
+    come from more than one kind of machine; ``"—"`` without timings."""
     means = []
     for runs in (treatment, control):
         values = [v for r in runs if (v := seconds_per_step_of(r)) is not None]
         means.append(sum(values) / len(values) if values else math.nan)
     cost = means[0] / means[1]
-    return "—" if math.isnan(cost) else f"{cost:.2f}×"
+    if math.isnan(cost):
+        return "—"
+    return f"{cost:.2f}×" + mixed_machines_mark([*treatment, *control])
 
 
 def crossing_text(task: TaskRuns, treatment: list[Record], control: list[Record]) -> str | None:
     """When the treatment's mean best-so-far validation curve passes the baseline's for
-    good, e.g. ``"60 s (6.0 baseline epochs)"``; ``None``: never."""
+    good, e.g. ``"60 s (6.0 baseline epochs)"``, marked ``"(mixed machines)"`` as the
+    step cost is; ``None``: never."""
     metric, higher = task.primary, task.higher_is_better
     crossing = crossing_time(treatment, control, metric, higher, _seconds_per_epoch(control))
     if crossing.seconds is None:
@@ -396,7 +406,7 @@ def crossing_text(task: TaskRuns, treatment: list[Record], control: list[Record]
     text = _format_seconds(crossing.seconds)
     if crossing.control_epochs is not None:
         text += f" ({crossing.control_epochs:.1f} baseline epochs)"
-    return text
+    return text + mixed_machines_mark([*treatment, *control])
 
 
 def verdict_table(tasks: Sequence[TaskRuns], digits: int = 4) -> str:

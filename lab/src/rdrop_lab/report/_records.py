@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rdrop_lab.config import METHOD_FIELDS, config_value
+from rdrop_lab.hardware import machine
 
 Record = dict[str, Any]
 
@@ -276,14 +277,35 @@ _CLOCK_NAMES = {
 }
 
 
+def machines_of(records: Sequence[Record]) -> list[str]:
+    """The machines these records were timed on (:func:`rdrop_lab.hardware.machine`),
+    in order of first appearance."""
+    return list(dict.fromkeys(machine(r.get("environment") or {}) for r in records))
+
+
+def mixed_machines_mark(records: Sequence[Record]) -> str:
+    """``" (mixed machines)"`` when these records' seconds come from more than one kind
+    of machine, so a ratio or a crossing time between them is not a property of the
+    method; ``""`` otherwise."""
+    return " (mixed machines)" if len(machines_of(records)) > 1 else ""
+
+
 def clock_description(records: Sequence[Record]) -> str:
-    """What ``train_seconds`` measures in these records, with their torch threads, e.g.
-    ``"process CPU time of the training steps, torch threads: 1"`` (records written
-    before the ``clock`` field timed wall-clock)."""
+    """What ``train_seconds`` measures in these records, with their torch threads and
+    machines, e.g. ``"process CPU time of the training steps, torch threads: 1, on AMD
+    EPYC (AVX2)"`` (records written before the ``clock`` field timed wall-clock); records
+    from several machines say that their seconds do not compare."""
     clocks = sorted({str(r.get("clock", "wall")) for r in records})
     threads = sorted({str(r.get("environment", {}).get("torch_threads", "?")) for r in records})
     names = " and ".join(_CLOCK_NAMES.get(c, c) for c in clocks)
-    return f"{names}, torch threads: {', '.join(threads)}"
+    machines = machines_of(records)
+    where = (
+        f"on {machines[0]}"
+        if len(machines) == 1
+        else f"on {len(machines)} kinds of machine ({'; '.join(machines)}), whose seconds "
+        "do not compare"
+    )
+    return f"{names}, torch threads: {', '.join(threads)}, {where}"
 
 
 def format_alpha(alpha: float) -> str:
