@@ -11,6 +11,8 @@ that mix machines.
 Example:
     >>> machine({"cpu": "AMD EPYC", "cpu_capability": "AVX2"})
     'AMD EPYC (AVX2)'
+    >>> machine({"cpu": "AMD EPYC", "cpu_capability": "AVX512", "cpu_bf16": True})
+    'AMD EPYC (AVX512, native bf16)'
     >>> machine({"cpu": "AMD EPYC"})
     'AMD EPYC (instruction set not recorded)'
 """
@@ -68,14 +70,19 @@ def machine(environment: Mapping[str, Any]) -> str:
         environment: a record's ``environment`` (:func:`rdrop_lab.store.environment`).
 
     Returns:
-        ``"<cpu> (<cpu_capability>)"``; records that predate ``cpu_capability`` say it
-        was not recorded, so they never pass for the same machine as one that has it.
+        ``"<cpu> (<cpu_capability>)"``, with ``", native bf16"`` inside the brackets
+        when ``cpu_bf16`` is true (AVX-512 machines differ in it); records that predate
+        ``cpu_capability`` say it was not recorded, so they never pass for the same
+        machine as one that has it.
     """
     cpu = environment.get("cpu") or "CPU not recorded"
     isa = environment.get("cpu_capability") or "instruction set not recorded"
-    return f"{cpu} ({isa})"
+    bf16 = ", native bf16" if environment.get("cpu_bf16") else ""
+    return f"{cpu} ({isa}{bf16})"
 
 
 def this_machine() -> str:
     """:func:`machine` of the running process, e.g. ``"AMD EPYC (AVX2)"``."""
-    return machine({"cpu": cpu_name(), "cpu_capability": cpu_capability()})
+    return machine(
+        {"cpu": cpu_name(), "cpu_capability": cpu_capability(), "cpu_bf16": native_bfloat16()}
+    )
