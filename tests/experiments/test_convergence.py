@@ -193,15 +193,23 @@ def test_a_corrupt_checkpoint_names_the_file(tmp_path: Path, content: bytes) -> 
         load_resume_state(path)
 
 
-def test_a_run_resumed_with_another_thread_count_is_refused(
+def _toy_run_killed_at_step_3(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[RunConfig, ResultStore, Path]:
+    """A toy run killed after 3 steps: ``(config, store, its resumable checkpoint)``."""
     _register(monkeypatch, ToyTask(examples(16)))
     config = RunConfig("toy", max_epochs=4.0, patience=20, equal_time=False, **TOY)
     store = ResultStore(tmp_path)
     resume = resume_path(tmp_path / "resume", store.results_dir, config.run_id())
-    threads = torch.get_num_threads()
     _train_until_killed(monkeypatch, config, store, resume, tmp_path, 3)
+    return config, store, resume
+
+
+def test_a_run_resumed_with_another_thread_count_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, store, resume = _toy_run_killed_at_step_3(tmp_path, monkeypatch)
+    threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
         with pytest.raises(ConfigError, match=f"resume with --threads {threads} "):
@@ -216,11 +224,7 @@ def test_a_run_resumed_with_another_thread_count_is_refused(
 def test_a_run_resumed_on_another_machine_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _register(monkeypatch, ToyTask(examples(16)))
-    config = RunConfig("toy", max_epochs=4.0, patience=20, equal_time=False, **TOY)
-    store = ResultStore(tmp_path)
-    resume = resume_path(tmp_path / "resume", store.results_dir, config.run_id())
-    _train_until_killed(monkeypatch, config, store, resume, tmp_path, 3)
+    config, store, resume = _toy_run_killed_at_step_3(tmp_path, monkeypatch)
     here = runner.this_machine()
     assert load_resume_state(resume)["machine"] == here
     monkeypatch.setattr(runner, "this_machine", lambda: "Other CPU (AVX512)")

@@ -1181,28 +1181,49 @@ def _resume(
     except (ResumeError, KeyError, TypeError, ValueError, RuntimeError) as error:
         _say(progress, f"{config.run_id()}: cannot resume ({error}); starting the run again")
         return None
-    if saved_threads is not None and saved_threads != torch.get_num_threads():
-        # The training clock sums CPU time over threads: one run must not mix counts.
-        raise ConfigError(
-            f"run {config.run_id()}: its resumable checkpoint {path} was trained with "
-            f"--threads {saved_threads}, this process has {torch.get_num_threads()}; resume "
-            f"with --threads {saved_threads} (the training clock must not mix thread counts), "
-            "or delete the checkpoint to start the run again"
-        )
-    if saved_machine is not None and saved_machine != this_machine():
-        # The same for the machine: its seconds per step are another machine's.
-        raise ConfigError(
-            f"run {config.run_id()}: its resumable checkpoint {path} was trained on "
-            f"{saved_machine}, this process runs on {this_machine()}; resume it on that "
-            "kind of machine (the training clock must not mix machines), or delete the "
-            "checkpoint to start the run again"
-        )
+    _check_same_clock(config, path, saved_threads, saved_machine)
     _say(
         progress,
         f"resuming {config.run_id()} from step {state.step} "
         f"({state.train_seconds:.0f} s of training done, {len(state.evals)} evaluations)",
     )
     return state, saved["snapshots"], saved["rng"]
+
+
+def _check_same_clock(
+    config: RunConfig, path: Path, saved_threads: int | None, saved_machine: str | None
+) -> None:
+    """Refuse a checkpoint trained with another thread count or on another kind of
+    machine (checkpoints that predate a field pass it): the training clock sums CPU time
+    over threads, and seconds per step are a machine's own, so one run must mix neither.
+
+    Raises:
+        ConfigError: naming the run, the checkpoint, both values and the way out.
+    """
+    threads, here = torch.get_num_threads(), this_machine()
+    clocks = [
+        (
+            saved_threads,
+            threads,
+            f"was trained with --threads {saved_threads}, this process has {threads}",
+            f"resume with --threads {saved_threads}",
+            "thread counts",
+        ),
+        (
+            saved_machine,
+            here,
+            f"was trained on {saved_machine}, this process runs on {here}",
+            "resume it on that kind of machine",
+            "machines",
+        ),
+    ]
+    for saved, current, differs, remedy, mixed in clocks:
+        if saved is not None and saved != current:
+            raise ConfigError(
+                f"run {config.run_id()}: its resumable checkpoint {path} {differs}; {remedy} "
+                f"(the training clock must not mix {mixed}), or delete the checkpoint to "
+                "start the run again"
+            )
 
 
 def _save_checkpoint(model: nn.Module, path: Path) -> None:
