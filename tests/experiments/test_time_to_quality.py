@@ -381,6 +381,14 @@ def test_time_figures_from_two_kinds_of_machine_are_marked(tmp_path: Path) -> No
         "on 2 kinds of machine (AMD EPYC (AVX2); AMD EPYC (AVX512)), whose seconds do not "
         "compare" in text
     )
+    # the main table's step-cost ratio and the extra seconds to reach the best, too
+    main_row = next(line for line in text.splitlines() if line.startswith("| R-Drop"))
+    assert main_row.rstrip(" |").endswith("× (mixed machines)")
+    assert "relative to the baseline (mean over seeds) (mixed machines)." in text
+    same_store = ResultStore(tmp_path / "same")
+    for r in BASE + RDROP:
+        same_store.write(on(r, "AVX2"))
+    assert "mixed machines" not in write_report(tmp_path / "same").read_text()
     # A record without cpu_capability never passes for a machine that has one.
     old = converged_verdict_table([on(r, "AVX2") for r in BASE] + RDROP)
     assert "(mixed machines)" in old

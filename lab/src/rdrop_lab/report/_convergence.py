@@ -288,7 +288,7 @@ def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
             lines.append(
                 f"- To reach its best, {group.label} needed {extra_steps:+.0f} steps and "
                 f"{extra_seconds:+,.0f} training seconds relative to the baseline (mean over "
-                "seeds)."
+                f"seeds){mixed_machines_mark([*treatment, *control])}."
             )
     return lines
 
