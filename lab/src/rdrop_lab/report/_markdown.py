@@ -158,7 +158,7 @@ def _main_table(task: TaskRuns) -> str:
         sps = group.seconds_per_step()
         row.append("—" if math.isnan(sps) else f"{sps:.3f}" if sps < 10 else f"{sps:.1f}")
         ratio = sps / base_sps if base_sps > 0 else math.nan
-        mark = "" if base is None else mixed_machines_mark([*group.records, *base.records])
+        mark = "" if base in (None, group) else mixed_machines_mark([*group.records, *base.records])
         row.append("—" if math.isnan(ratio) else f"{ratio:.2f}×{mark}")
         rows.append(row)
     return _table(header, rows)
