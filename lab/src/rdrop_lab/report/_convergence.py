@@ -389,7 +389,7 @@ def step_cost_text(treatment: Sequence[Record], control: Sequence[Record]) -> st
     for runs in (treatment, control):
         values = [v for r in runs if (v := seconds_per_step_of(r)) is not None]
         means.append(sum(values) / len(values) if values else math.nan)
-    cost = means[0] / means[1]
+    cost = means[0] / means[1] if means[1] > 0 else math.nan
     if math.isnan(cost):
         return "—"
     return f"{cost:.2f}×" + mixed_machines_mark([*treatment, *control])

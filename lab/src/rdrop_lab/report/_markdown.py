@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rdrop_lab.report._cheaper import cheaper_variant_lines
-from rdrop_lab.report._convergence import convergence_lines, converging
+from rdrop_lab.report._convergence import convergence_lines, converging, step_cost_text
 from rdrop_lab.report._grouping import (
     BOOTSTRAP_SEED,
     CONFIDENCE,
@@ -26,7 +26,6 @@ from rdrop_lab.report._records import (
     config_of,
     finite_or_none,
     method_of,
-    mixed_machines_mark,
 )
 from rdrop_lab.stats import (
     PairedDifference,
@@ -137,7 +136,6 @@ def _main_table(task: TaskRuns) -> str:
         ]
     header += [f"val {metric} at selection", "s/step", "× baseline s/step"]
     base = task.baseline
-    base_sps = base.seconds_per_step() if base is not None else math.nan
     rows = []
     for group in task.groups:
         row = [group.label, str(len(group.records))]
@@ -157,9 +155,12 @@ def _main_table(task: TaskRuns) -> str:
         row.append(_mean_std_cell(group, budgets[0], "validation", metric, digits))
         sps = group.seconds_per_step()
         row.append("—" if math.isnan(sps) else f"{sps:.3f}" if sps < 10 else f"{sps:.1f}")
-        ratio = sps / base_sps if base_sps > 0 else math.nan
-        mark = "" if base in (None, group) else mixed_machines_mark([*group.records, *base.records])
-        row.append("—" if math.isnan(ratio) else f"{ratio:.2f}×{mark}")
+        if base is None or (group is base and not sps > 0):
+            row.append("—")
+        elif group is base:
+            row.append("1.00×")  # the reference, unmarked even if it spans machines
+        else:
+            row.append(step_cost_text(group.records, base.records))
         rows.append(row)
     return _table(header, rows)
 
