@@ -392,3 +392,31 @@ def test_time_figures_from_two_kinds_of_machine_are_marked(tmp_path: Path) -> No
     # A record without cpu_capability never passes for a machine that has one.
     old = converged_verdict_table([on(r, "AVX2") for r in BASE] + RDROP)
     assert "(mixed machines)" in old
+
+
+def test_seconds_from_a_slower_machine_of_the_same_name_are_marked(tmp_path: Path) -> None:
+    from rdrop_lab.report import converged_verdict_table
+
+    def timed(r: dict[str, Any], seconds_per_step: float, clock: str = "process_cpu"):
+        env = {"torch_threads": 1, "cpu": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512"}
+        return {**r, "environment": env, "clock": clock, "seconds_per_step": seconds_per_step}
+
+    # R-Drop seed 1 ran 2.6x slower per step than seed 0 on a machine of the same name.
+    slow = [timed(r, 1.0) for r in BASE] + [timed(RDROP[0], 1.0), timed(RDROP[1], 2.6)]
+    row = next(line for line in converged_verdict_table(slow).splitlines() if "| sst2" in line)
+    assert "(mixed machines)" in row
+    store = ResultStore(tmp_path / "slow")
+    for r in slow:
+        store.write(r)
+    text = write_report(tmp_path / "slow").read_text()
+    assert (
+        "the seconds per step of one configuration differ 2.6× between runs "
+        "(sst2 R-Drop α=1.0: 1.00 to 2.60 s), so some ran on a slower machine" in text
+    )
+    # Seeds of one machine spread less than the limit; wall-clock seconds stretch with load.
+    for spread, clock in ((1.3, "process_cpu"), (2.6, "wall")):
+        runs = [timed(r, 1.0, clock) for r in BASE] + [
+            timed(RDROP[0], 1.0, clock),
+            timed(RDROP[1], spread, clock),
+        ]
+        assert "mixed machines" not in converged_verdict_table(runs)

@@ -283,11 +283,55 @@ def machines_of(records: Sequence[Record]) -> list[str]:
     return list(dict.fromkeys(machine(r.get("environment") or {}) for r in records))
 
 
+#: Process-CPU seconds per step of one configuration (all but the seed) that spread over
+#: more than this factor were measured on machines of different speed, even where the CPU's
+#: name and instruction set agree: two 2-core "Intel(R) Xeon(R) Processor (AVX512, native
+#: bf16)" machines ran the converged translation suite's R-Drop step at 1.03 s (seed 0's
+#: record) and about 2.5 s (seed 1, stopped at step 474 after 22.8 minutes), while the
+#: seeds of one configuration on one machine spread by at most 1.32x over this project's
+#: process-CPU records.
+SPEED_SPREAD_LIMIT = 1.5
+
+
+def speed_spread(records: Sequence[Record]) -> tuple[str, float, float] | None:
+    """The widest spread of seconds per step among these records' runs of one
+    configuration (the same config but the seed) on one kind of machine, when it passes
+    :data:`SPEED_SPREAD_LIMIT`; ``None`` otherwise. Only process-CPU records count:
+    wall-clock ones also stretch with the machine's load.
+
+    Returns:
+        ``(run label, fastest seconds per step, slowest)`` of the widest such spread.
+    """
+    groups: dict[str, list[float]] = {}
+    labels: dict[str, str] = {}
+    for r in records:
+        seconds = seconds_per_step_of(r)
+        if r.get("clock") != "process_cpu" or seconds is None or seconds <= 0:
+            continue
+        config = {k: v for k, v in r["config"].items() if k not in ("seed", "data_seed")}
+        where = machine(r.get("environment") or {})
+        key = json.dumps([where, config], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(seconds)
+        labels[key] = f"{r['config'].get('task')} " + method_label(
+            method_of(r), alpha_of(r), variant_of(r)
+        )
+    widest: tuple[str, float, float] | None = None
+    for key, seconds in groups.items():
+        fast, slow = min(seconds), max(seconds)
+        if slow / fast > SPEED_SPREAD_LIMIT and (
+            widest is None or slow / fast > widest[2] / widest[1]
+        ):
+            widest = (labels[key], fast, slow)
+    return widest
+
+
 def mixed_machines_mark(records: Sequence[Record]) -> str:
     """``" (mixed machines)"`` when these records' seconds come from more than one kind
-    of machine, so a ratio or a crossing time between them is not a property of the
-    method; ``""`` otherwise."""
-    return " (mixed machines)" if len(machines_of(records)) > 1 else ""
+    of machine, or from machines of one name but different speed (:func:`speed_spread`),
+    so a ratio or a crossing time between them is not a property of the method; ``""``
+    otherwise."""
+    mixed = len(machines_of(records)) > 1 or speed_spread(records) is not None
+    return " (mixed machines)" if mixed else ""
 
 
 def clock_description(records: Sequence[Record]) -> str:
@@ -298,13 +342,20 @@ def clock_description(records: Sequence[Record]) -> str:
     clocks = sorted({str(r.get("clock", "wall")) for r in records})
     threads = sorted({str(r.get("environment", {}).get("torch_threads", "?")) for r in records})
     names = " and ".join(_CLOCK_NAMES.get(c, c) for c in clocks)
-    machines = machines_of(records)
+    machines, spread = machines_of(records), speed_spread(records)
     where = (
         f"on {machines[0]}"
         if len(machines) == 1
         else f"on {len(machines)} kinds of machine ({'; '.join(machines)}), whose seconds "
         "do not compare"
     )
+    if spread is not None:
+        label, fast, slow = spread
+        where += (
+            f"; the seconds per step of one configuration differ {slow / fast:.1f}× between "
+            f"runs ({label}: {fast:.2f} to {slow:.2f} s), so some ran on a slower machine of "
+            "the same name, and those seconds do not compare"
+        )
     return f"{names}, torch threads: {', '.join(threads)}, {where}"
 
 
