@@ -56,6 +56,16 @@ def test_convergence_fields_are_validated() -> None:
         RunConfig("sst2", epochs=3.0, max_epochs=2.0, patience=2)
     with pytest.raises(ConfigError, match="min_steps needs patience"):
         RunConfig("sst2", min_steps=10)
+    for bad in (-0.01, math.nan, math.inf, True, "0.01"):
+        with pytest.raises(ConfigError, match="min_delta must be a finite number >= 0"):
+            RunConfig("sst2", patience=2, min_delta=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="min_delta needs patience"):
+        RunConfig("sst2", min_delta=0.01)
+    assert "min_delta" not in RunConfig("sst2", patience=2).identity()
+    assert (
+        RunConfig("sst2", patience=2, min_delta=0.01).run_id()
+        != RunConfig("sst2", patience=2).run_id()
+    )
     # The new fields at their defaults leave every existing run id unchanged.
     assert "patience" not in RunConfig("sst2").identity()
     assert RunConfig("sst2", patience=3).run_id() != RunConfig("sst2").run_id()
@@ -77,6 +87,30 @@ def test_early_stop_after_patience_evaluations_without_improvement(
     assert record["selections"]["equal_epochs"]["step"] == 4  # within epochs = 1 (step 4)
     # Test scores exist exactly for the best-so-far checkpoints.
     assert [("test" in e) for e in record["evals"]] == [True, True, False, False, False]
+
+
+def test_min_delta_counts_only_gains_larger_than_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Gains of 0.003 at a time, within 0.01 of the 0.70 that last restarted the count, then
+    # a larger one: with min_delta = 0.01 the creep does not restart it, so the run stops
+    # at the 3rd evaluation after 0.70.
+    scores = [0.5, 0.7, 0.703, 0.706, 0.709, 0.75, 0.8, 0.9]
+    _register(monkeypatch, ScriptedTask(scores))
+    config = RunConfig(
+        "scripted", max_epochs=10.0, patience=3, min_delta=0.01, equal_time=False, **TOY
+    )
+    record = train_run(config, ResultStore(tmp_path / "delta"), data_dir=tmp_path)
+    assert [e["step"] for e in record["evals"]] == [2, 4, 6, 8, 10]
+    assert record["converged"] is True and record["stop_reason"] == "early_stop"
+    # Selection still takes the best score seen, the creep's last step (0.709).
+    assert record["selections"]["converged"]["step"] == 10
+    # Without min_delta every gain counts: the run goes on to the 0.9 and past it.
+    _register(monkeypatch, ScriptedTask(scores))
+    plain = RunConfig("scripted", max_epochs=10.0, patience=3, equal_time=False, **TOY)
+    record = train_run(plain, ResultStore(tmp_path / "plain"), data_dir=tmp_path)
+    assert record["selections"]["converged"]["step"] == 16
+    assert [e["step"] for e in record["evals"]][-1] == 22
 
 
 def test_min_steps_delays_the_early_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -420,3 +420,16 @@ def test_seconds_from_a_slower_machine_of_the_same_name_are_marked(tmp_path: Pat
             timed(RDROP[1], spread, clock),
         ]
         assert "mixed machines" not in converged_verdict_table(runs)
+
+
+def test_the_report_says_when_runs_counted_only_gains_above_min_delta(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    for r in BASE + RDROP:
+        store.write({**r, "config": {**r["config"], "min_delta": 0.01}})
+    text = write_report(tmp_path).read_text()
+    assert "peaked and did not improve by more than `min_delta` for `patience`" in text
+    assert "has not improved by more than `min_delta` for `patience` evaluations" in text
+    plain = ResultStore(tmp_path / "plain")
+    for r in BASE + RDROP:
+        plain.write(r)
+    assert "min_delta" not in write_report(tmp_path / "plain").read_text()

@@ -160,6 +160,7 @@ _RUN_OPTIONS = (
     "patience",
     "max_epochs",
     "min_steps",
+    "min_delta",
     "precision",
 )
 
@@ -522,6 +523,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     converge.add_argument(
         "--min-steps", type=int, help="never stop early before this many steps (default 0)"
+    )
+    converge.add_argument(
+        "--min-delta",
+        type=float,
+        help="the least validation gain that restarts the patience count (default 0: any)",
     )
     run.add_argument(
         "--data-seeds",

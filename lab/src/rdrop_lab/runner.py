@@ -26,8 +26,9 @@ Protocol (the same for every method):
    budget comes from plain R-Drop runs only (k = 1, m = 2, no stop-gradient, one rate).
 5. The test split is scored once per selected checkpoint. It is never used for selection.
 6. Trained to convergence (``patience`` set): the run trains up to ``max_epochs`` and stops
-   once ``patience`` scheduled evaluations in a row brought no new best validation score
-   (never before ``min_steps``); it is *converged* only if it stopped that way. Every
+   once ``patience`` scheduled evaluations in a row brought no new best validation score,
+   or none better than the last counted best by more than ``min_delta`` (never before
+   ``min_steps``); it is *converged* only if it stopped that way. Every
    checkpoint that is the best so far is scored on test when it is reached, so that the
    report can tell, for any training-time budget, the test score of the model each method
    would have selected on validation by then (:mod:`rdrop_lab.time_to_quality`).
@@ -783,7 +784,7 @@ def _evaluate_point(
     _update_best(training, budget, state, index)
     if not training.config.converges:
         _keep_snapshots(training.model, budget, state, snapshots, index)
-    elif _patience_ran_out(training.config, state, index):
+    elif _patience_ran_out(training, state, index):
         state.stopped_early = True
 
 
@@ -816,14 +817,31 @@ def _update_best(training: _Training, budget: _Budget, state: _LoopState, index:
         state.best_epochs = index
 
 
-def _patience_ran_out(config: RunConfig, state: _LoopState, index: int) -> bool:
-    """Whether ``patience`` evaluations in a row up to ``index`` brought no new best (and
-    the run is past ``min_steps``): a converging run stops there."""
-    since_best = index - (state.best_all if state.best_all is not None else index)
+def _patience_ran_out(training: _Training, state: _LoopState, index: int) -> bool:
+    """Whether ``patience`` evaluations in a row up to ``index`` brought no gain of more
+    than ``min_delta`` over the last evaluation that did (and the run is past
+    ``min_steps``): a converging run stops there. With ``min_delta = 0`` that evaluation
+    is the best so far.
+
+    The count is recomputed from the evaluation history, so a resumed run counts alike.
+    """
+    config = training.config
+    primary, higher = training.task.primary_metric, training.task.higher_is_better
+    sign = 1.0 if higher else -1.0
+    counted: float | None = None  # the score of the last evaluation that restarted the count
+    since = 0
+    for entry in state.evals[: index + 1]:
+        value = entry["validation"][primary]
+        if not math.isnan(value) and (
+            counted is None or _strictly_better(value - sign * config.min_delta, counted, higher)
+        ):
+            counted, since = value, 0
+        elif counted is not None:
+            since += 1
     return (
         config.patience is not None
-        and since_best >= config.patience
-        and state.step >= config.min_steps
+        and since >= config.patience
+        and (state.step >= config.min_steps)
     )
 
 

@@ -18,6 +18,7 @@ from rdrop_lab.report._grouping import (
 from rdrop_lab.report._records import (
     Record,
     clock_description,
+    gain_that_counts,
     mixed_machines_mark,
     pair_of,
     seconds_per_step_of,
@@ -215,7 +216,8 @@ def convergence_lines(task: TaskRuns, digits: int) -> list[str]:
     lines = [
         "",
         f"Convergence: {done} of {total} runs converged (validation {metric} peaked and "
-        f"did not improve for `patience` evaluations before the run ended)."
+        f"did not improve{gain_that_counts(task.records)} for `patience` evaluations "
+        "before the run ended)."
         + (f" **Not converged:** {', '.join(missing)}." if missing else ""),
     ]
     early = [

@@ -25,6 +25,7 @@ from rdrop_lab.report._records import (
     clock_description,
     config_of,
     finite_or_none,
+    gain_that_counts,
     method_of,
 )
 from rdrop_lab.stats import (
@@ -463,10 +464,11 @@ def _budget_protocol(tasks: Sequence[TaskRuns]) -> list[str]:
             line += "Other tasks in float32."
         lines.append(line.rstrip())
     if any(converging(t) for t in tasks):
+        gain = gain_that_counts([r for t in tasks for r in t.records])
         lines.append(
             "- **Trained to convergence** (tasks whose runs set `patience`): each run trains "
-            "until its validation primary metric has not improved for `patience` evaluations "
-            "in a row (once past `min_steps`), or until `max_epochs`. A run counts as "
+            f"until its validation primary metric has not improved{gain} for `patience` "
+            "evaluations in a row (once past `min_steps`), or until `max_epochs`. A run counts as "
             "*converged* only if it stopped that way; a run that reached `max_epochs` is "
             "marked not converged. Every checkpoint that is the best so far on validation is "
             "scored on the test split when it is reached (selection never reads it), so the "

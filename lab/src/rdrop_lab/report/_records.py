@@ -359,6 +359,12 @@ def clock_description(records: Sequence[Record]) -> str:
     return f"{names}, torch threads: {', '.join(threads)}, {where}"
 
 
+def gain_that_counts(records: Sequence[Record]) -> str:
+    """How the report words an early stop's "improved": ``""`` when every run counted any
+    gain, ``" by more than `min_delta`"`` when one set ``min_delta``."""
+    return " by more than `min_delta`" if any(config_of(r, "min_delta") for r in records) else ""
+
+
 def format_alpha(alpha: float) -> str:
     return f"{alpha:.1f}" if alpha == round(alpha, 1) else f"{alpha:g}"
 
