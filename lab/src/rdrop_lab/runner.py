@@ -839,9 +839,7 @@ def _patience_ran_out(training: _Training, state: _LoopState, index: int) -> boo
         elif counted is not None:
             since += 1
     return (
-        config.patience is not None
-        and since >= config.patience
-        and (state.step >= config.min_steps)
+        config.patience is not None and since >= config.patience and state.step >= config.min_steps
     )
 
 
