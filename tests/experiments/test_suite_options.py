@@ -381,6 +381,24 @@ def test_cli_sweep_runs_a_chunk_by_seed_and_data_draw(capsys: pytest.CaptureFixt
     assert len(lines) == 20 and all(line.startswith("mrpc__") for line in lines)
 
 
+def test_cli_sweep_runs_a_chunk_by_method(capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(ROOT / "configs" / "converged" / "glue_rte.toml")
+    assert main(["sweep", config, "--dry-run", "--methods", "baseline"]) == 0
+    baselines = [line for line in capsys.readouterr().out.split("\n") if "__" in line]
+    assert [line.split("__")[1:3] for line in baselines] == [
+        ["baseline", f"s{seed}"] for seed in (0, 1, 2)
+    ]
+    assert main(["sweep", config, "--dry-run", "--methods", "rdrop", "--seeds", "1"]) == 0
+    rdrop_seed_1 = [line for line in capsys.readouterr().out.split("\n") if "__" in line]
+    assert sorted(line.split("__")[1] for line in rdrop_seed_1) == ["rdrop-a1", "rdrop-a10"]
+    assert all("__s1__" in line for line in rdrop_seed_1)
+    assert main(["sweep", config, "--dry-run", "--methods", "mixup"]) != 0
+    assert re.search(
+        r"--methods: \['mixup'\] not in the suite \(it has \['baseline', 'rdrop'\]\)",
+        capsys.readouterr().err,
+    )
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "pattern"),
     [

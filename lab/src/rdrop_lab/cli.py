@@ -5,6 +5,7 @@
     rdrop run sst2 --method rdrop --every-k-steps 5         # an ablation of the paper
     rdrop run sst2 --method baseline mixup fgm --shots-per-class 16 --data-seeds 0 1 2
     rdrop sweep configs/glue.toml                # a suite file (TOML or YAML)
+    rdrop sweep configs/glue.toml --methods rdrop --seeds 1  # a chunk of it
     rdrop report runs/glue                       # Markdown report + PNG plots
     rdrop probe mrpc                             # dropout-consistency diagnostic
 
@@ -245,6 +246,12 @@ def _execute(runs: list[RunConfig], args: argparse.Namespace, argv: Sequence[str
 #: selects on, the flag's value type and its help text.
 _CHUNK_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--tasks", "task", str, "run only these tasks of the suite (a chunk)"),
+    (
+        "--methods",
+        "method",
+        str,
+        "run only the runs of these methods, e.g. rdrop: every alpha and variant of it (a chunk)",
+    ),
     (
         "--shots-per-class",
         "shots_per_class",
