@@ -203,6 +203,21 @@ def table_row(markdown: str, label: str) -> list[str]:
 # ----------------------------------------------------------------------------- tests
 
 
+def test_step_cost_column_compares_only_the_seeds_both_methods_have() -> None:
+    # R-Drop ran seed 0 only; the baseline's seed 1 ran on a machine three times slower.
+    records = [
+        make_record(SST2, "baseline", None, 0, 0.80, 0.70, seconds_per_step=0.1),
+        make_record(SST2, "baseline", None, 1, 0.82, 0.71, seconds_per_step=0.3),
+        make_record(SST2, "rdrop", 1.0, 0, 0.81, 0.75, seconds_per_step=0.19),
+    ]
+    text = summary_table(records)
+    header = table_row(text, "method")
+    rdrop = dict(zip(header, table_row(text, "R-Drop α=1.0")))
+    baseline = dict(zip(header, table_row(text, "baseline")))
+    assert baseline["s/step"] == "0.200"  # the baseline's own mean keeps both seeds
+    assert rdrop["× baseline s/step"] == "1.90×"  # 0.19 / 0.1 (seed 0), not 0.19 / 0.2
+
+
 def test_method_labels() -> None:
     assert method_label("baseline", None) == "baseline"
     assert method_label("doubled_batch", None) == "doubled batch (no KL)"
