@@ -384,9 +384,10 @@ def _verdict_cells(
 
 
 def step_cost_text(treatment: Sequence[Record], control: Sequence[Record]) -> str:
-    """The treatment's mean seconds per step over the control's, from the runs given (the
-    seeds both have), e.g. ``"1.85×"``, marked ``"(mixed machines)"`` when their seconds
-    come from more than one kind of machine; ``"—"`` without timings."""
+    """The treatment's mean seconds per step over the control's, over the seeds both
+    have (:func:`common_pairs`), e.g. ``"1.85×"``, marked ``"(mixed machines)"`` when
+    their seconds come from more than one kind of machine; ``"—"`` without timings."""
+    treatment, control = common_pairs(treatment, control)
     means = []
     for runs in (treatment, control):
         values = [v for r in runs if (v := seconds_per_step_of(r)) is not None]

@@ -7,12 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rdrop_lab.report._cheaper import cheaper_variant_lines
-from rdrop_lab.report._convergence import (
-    common_pairs,
-    convergence_lines,
-    converging,
-    step_cost_text,
-)
+from rdrop_lab.report._convergence import convergence_lines, converging, step_cost_text
 from rdrop_lab.report._grouping import (
     BOOTSTRAP_SEED,
     CONFIDENCE,
@@ -166,7 +161,7 @@ def _main_table(task: TaskRuns) -> str:
         elif group is base:
             row.append("1.00×")  # the reference, unmarked even if it spans machines
         else:
-            row.append(step_cost_text(*common_pairs(group.records, base.records)))
+            row.append(step_cost_text(group.records, base.records))
         rows.append(row)
     return _table(header, rows)
 
